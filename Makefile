@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make bench` and `make test`.
+# Each creates .venv when missing and installs what it needs, torch first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.peft_fast_installed
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch goes in first and alone; an existing torch (e.g. a user's CUDA build) is kept.
+$(STAMP): $(PY) requirements-dev.txt pyproject.toml setup.py
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q --timeout=900 tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu_train_step.py --out benchmarks/results
+
+clean:
+	rm -rf $(VENV) build *.egg-info
