@@ -1,0 +1,52 @@
+"""peft_fast: a kernel-accelerated drop-in replacement for Hugging Face PEFT.
+
+    from peft_fast import LoraConfig, get_peft_model, PeftModel   # instead of `from peft import ...`
+"""
+__version__ = "0.1.0"
+
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PeftConfig
+from .mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_nb_trainable_parameters,
+    print_trainable_parameters,
+)
+from .tuners.ia3.config import IA3Config
+from .tuners.ia3.model import IA3Model
+from .tuners.lora.config import LoraConfig, LoraRuntimeConfig
+from .tuners.lora.model import LoraModel
+from .utils.peft_types import PeftType, TaskType
+from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+__all__ = [
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "IA3Config", "IA3Model", "LoraConfig", "LoraModel", "LoraRuntimeConfig",
+    "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PeftConfig", "PeftModel",
+    "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftType", "TaskType", "get_nb_trainable_parameters", "get_peft_config", "get_peft_model",
+    "get_peft_model_state_dict", "inject_adapter_in_model", "load_peft_weights", "print_trainable_parameters",
+    "set_peft_model_state_dict",
+]

@@ -1,0 +1,115 @@
+"""`PeftConfig`: the base of every adapter config, with PEFT's fields and JSON format (L4)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+from .utils.constants import CONFIG_NAME
+from .utils.io import atomic_write_text
+from .utils.peft_types import PeftType, TaskType
+
+# The PEFT release whose adapter format we read and write; recorded in adapter_config.json.
+PEFT_FORMAT_VERSION = "0.21.2"
+
+
+@dataclass
+class PeftConfig:
+    """Fields shared by all methods (same names and defaults as ``peft.PeftConfig``)."""
+
+    task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "The type of task."})
+    peft_type: Optional[Union[str, PeftType]] = field(default=None, metadata={"help": "The type of PEFT model."})
+    auto_mapping: Optional[dict] = field(default=None, metadata={"help": "Custom model class mapping."})
+    peft_version: Optional[str] = field(default=None, metadata={"help": "PEFT format version."})
+    base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "The base model."})
+    revision: Optional[str] = field(default=None, metadata={"help": "The base model revision."})
+    inference_mode: bool = field(default=False, metadata={"help": "Whether to use inference mode."})
+
+    def __post_init__(self):
+        if self.task_type is not None and self.task_type not in list(TaskType):
+            raise ValueError(
+                f"Invalid task type: {self.task_type!r}. Must be one of: {[t.value for t in TaskType]}."
+            )
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def _json_dict(self) -> dict:
+        out = self.to_dict()
+        for k, v in out.items():
+            if isinstance(v, set):
+                out[k] = sorted(v)
+            elif isinstance(v, (PeftType, TaskType)):
+                out[k] = v.value
+        return out
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` atomically (temp file + rename)."""
+        if os.path.isfile(save_directory):
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        out = self._json_dict()
+        auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping_dict is not None:
+            out["auto_mapping"] = auto_mapping_dict
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(out, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_peft_type(cls, **kwargs) -> "PeftConfig":
+        """Build the config class named by ``peft_type``; unknown fields (written by a newer
+        PEFT) are dropped with a warning."""
+        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        config_cls = cls
+        if "peft_type" in kwargs:
+            peft_type = kwargs["peft_type"]
+            key = peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)
+            if key not in PEFT_TYPE_TO_CONFIG_MAPPING:
+                raise ValueError(
+                    f"peft_type {key!r} is not supported by peft_fast (supported: {sorted(PEFT_TYPE_TO_CONFIG_MAPPING)})"
+                )
+            config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[key]
+        known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            warnings.warn(
+                f"Unexpected keyword arguments {unknown} for class {config_cls.__name__}, these are ignored. "
+                "The configuration was probably saved by a newer PEFT version."
+            )
+        return config_cls(**{k: v for k, v in kwargs.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        with open(path_json_file) as f:
+            obj = json.load(f)
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path_json_file} does not hold a JSON object")
+        obj.pop("runtime_config", None)
+        return obj
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> "PeftConfig":
+        """Load ``adapter_config.json`` from a local directory."""
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        config_file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(config_file):
+            raise ValueError(
+                f"Can't find '{CONFIG_NAME}' at '{path}' (peft_fast loads adapters from local directories only)"
+            )
+        loaded = cls.from_json_file(config_file)
+        class_kwargs = {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        return cls.from_peft_type(**{**class_kwargs, **loaded})
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False

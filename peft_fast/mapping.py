@@ -1,0 +1,64 @@
+"""`get_peft_model`, `inject_adapter_in_model` and the type -> class tables (L4)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .config import PeftConfig
+from .tuners.ia3.config import IA3Config
+from .tuners.ia3.model import IA3Model
+from .tuners.lora.config import LoraConfig
+from .tuners.lora.model import LoraModel
+from .utils.peft_types import PeftType
+
+PEFT_TYPE_TO_CONFIG_MAPPING: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "IA3": IA3Config}
+PEFT_TYPE_TO_TUNER_MAPPING = {"LORA": LoraModel, "IA3": IA3Model}
+
+
+def _type_key(peft_type) -> str:
+    return peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)
+
+
+def tuner_class_for(config: PeftConfig):
+    key = _type_key(config.peft_type)
+    if key not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(f"peft_type {key!r} is not supported by peft_fast (supported: {sorted(PEFT_TYPE_TO_TUNER_MAPPING)})")
+    return PEFT_TYPE_TO_TUNER_MAPPING[key]
+
+
+def get_peft_config(config_dict: dict) -> PeftConfig:
+    return PEFT_TYPE_TO_CONFIG_MAPPING[_type_key(config_dict["peft_type"])](**config_dict)
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False):
+    """Wrap `model` in the PeftModel class of the config's task type (PEFT's signature)."""
+    from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
+
+    if mixed:
+        raise NotImplementedError("PeftMixedModel is not supported by peft_fast")
+    peft_config.base_model_name_or_path = base_model_name_or_path(model)
+    if revision is not None:
+        peft_config.revision = revision
+    task = _type_key(peft_config.task_type) if peft_config.task_type is not None else None
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel)
+    return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def base_model_name_or_path(model: nn.Module) -> Optional[str]:
+    """The base model's name_or_path (from a transformers config or the module itself), or None."""
+    cfg = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
+    return name or None
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
+    """Inject adapter layers into `model` in place (no PeftModel wrapper) and return it."""
+    tuner_cls = tuner_class_for(peft_config)
+    tuner = tuner_cls(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                      state_dict=state_dict)
+    return tuner.model

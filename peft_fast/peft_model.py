@@ -1,0 +1,318 @@
+"""`PeftModel` and its task classes: PEFT's user-facing model API (L4)."""
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .mapping import base_model_name_or_path, tuner_class_for
+from .tuners.tuners_utils import BaseTunerLayer
+from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.io import atomic_save_safetensors, atomic_torch_save
+from .utils.other import ModulesToSaveWrapper, set_trainable
+from .utils.peft_types import TaskType
+from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if n == 0 and hasattr(p, "ds_numel"):
+            n = p.ds_numel
+        if p.__class__.__name__ == "Params4bit":  # bnb packs two 4-bit values a byte
+            n = n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = get_nb_trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def _cast_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
+    """PEFT's autocast_adapter_dtype: adapter weights in fp16/bf16 are kept in fp32."""
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for layer_name in module.adapter_layer_names:
+            d = getattr(module, layer_name, None)
+            if d is None or adapter_name not in d:
+                continue
+            item = d[adapter_name]
+            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            for p in params:
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.to(torch.float32)
+
+
+class PeftModel(nn.Module):
+    """Base model + adapters. ``model.base_model`` is the tuner (e.g. LoraModel), whose
+    ``.model`` is the user's model with adapter layers injected."""
+
+    _task_modules_to_save: Optional[list[str]] = None
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        super().__init__()
+        self.active_adapter = adapter_name
+        self.peft_type = peft_config.peft_type
+        self.special_peft_forward_args = {"adapter_names"}
+        self.base_model = tuner_class_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+        if autocast_adapter_dtype:
+            _cast_adapter_dtype(self.base_model.model, adapter_name)
+        self._add_task_modules_to_save(peft_config, adapter_name)
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, PeftConfig]) -> None:
+        self.base_model.peft_config = value
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapter if hasattr(self, "base_model") else self._active_adapter
+
+    @active_adapter.setter
+    def active_adapter(self, value) -> None:
+        self._active_adapter = value
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        a = self.active_adapter
+        return self.peft_config[a if isinstance(a, str) else a[0]]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        names = set()
+        for cfg in self.peft_config.values():
+            names |= set(getattr(cfg, "modules_to_save", None) or [])
+        return names or None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _add_task_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+        extra = self._task_modules_to_save
+        if not extra or not hasattr(config, "modules_to_save"):
+            return
+        if config.modules_to_save is None:
+            config.modules_to_save = list(extra)
+        else:
+            config.modules_to_save = list(config.modules_to_save) + [m for m in extra if m not in config.modules_to_save]
+        set_trainable(self.base_model.model, adapter_name, config.modules_to_save, inference_mode=config.inference_mode)
+
+    # ---- forward --------------------------------------------------------------------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Route `adapter_names` (mixed-adapter batches) to every adapter layer."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set(self.peft_config) | {"__base__"}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        handles = []
+
+        def pre_hook(_module, args, kw):
+            kw["adapter_names"] = adapter_names
+            return args, kw
+
+        for module in self.base_model.model.modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)) and hasattr(module, "_mixed_batch_forward"):
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward(self, *args: Any, **kwargs: Any):
+        with self._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists")
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and {peft_config.peft_type}.")
+        self.peft_config[adapter_name] = peft_config
+        try:
+            self.base_model.inject_adapter(self.base_model.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        _cast_adapter_dtype(self.base_model.model, adapter_name)
+        self._add_task_modules_to_save(peft_config, adapter_name)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found. Available adapters: {sorted(self.peft_config)}")
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context in which the model runs as the plain base model."""
+        try:
+            self.base_model.disable_adapter_layers()
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs):
+        """Load a PEFT-format adapter directory (safetensors preferred) as `adapter_name`."""
+        model_id = str(model_id)
+        if adapter_name not in self.peft_config:
+            config = PeftConfig.from_pretrained(model_id, **kwargs)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+        weights = load_peft_weights(model_id, device=torch_device, **kwargs)
+        result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+        if autocast_adapter_dtype:
+            _cast_adapter_dtype(self.base_model.model, adapter_name)
+        if not is_trainable:
+            self.eval()
+        return result
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, **kwargs) -> "PeftModel":
+        """Wrap `model` and load the adapter saved in the local directory `model_id`."""
+        model_id = str(model_id)
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **kwargs)
+        elif not isinstance(config, PeftConfig):
+            raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
+        config.inference_mode = not is_trainable
+        task = config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type
+        if cls is PeftModel and task in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
+            cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
+                                autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
+        return peft_model
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
+                        is_main_process: bool = True, **kwargs) -> None:
+        """Write each adapter as ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT layout:
+        'default' in `save_directory`, others in sub-folders). Files are written atomically."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if selected_adapters is None:
+            selected_adapters = list(self.peft_config)
+        unknown = [a for a in selected_adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                             f"{sorted(self.peft_config)} - got {unknown}.")
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        for adapter_name in selected_adapters:
+            config = self.peft_config[adapter_name]
+            state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
+                                              save_embedding_layers=save_embedding_layers)
+            out_dir = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+            os.makedirs(out_dir, exist_ok=True)
+            if safe_serialization:
+                atomic_save_safetensors(state, os.path.join(out_dir, SAFETENSORS_WEIGHTS_NAME))
+            else:
+                atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(out_dir, WEIGHTS_NAME))
+            cfg = copy.deepcopy(config)
+            if cfg.base_model_name_or_path is None:
+                cfg.base_model_name_or_path = base_model_name_or_path(self.get_base_model())
+            cfg.inference_mode = True
+            cfg.save_pretrained(out_dir, auto_mapping_dict=None)
+
+    # ---- misc PEFT API ----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return get_nb_trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        print_trainable_parameters(self)
+
+    def get_layer_status(self):
+        return [(n, type(m).__name__, m.active_adapters, m.merged_adapters)
+                for n, m in self.named_modules() if isinstance(m, BaseTunerLayer)]
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        return self.base_model.merge_and_unload(*args, **kwargs)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    _task_modules_to_save = ["classifier", "score"]
+
+
+class PeftModelForTokenClassification(PeftModel):
+    _task_modules_to_save = ["classifier", "score"]
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    _task_modules_to_save = ["qa_outputs"]
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}

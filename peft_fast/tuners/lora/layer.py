@@ -1,0 +1,577 @@
+"""LoRA / DoRA adapter layers with PEFT's module structure and attribute names (L3).
+
+`Linear` (also wrapping GPT-2's Conv1D via fan_in_fan_out), `Embedding`, `Conv1d`, `Conv2d`.
+Forward of Linear goes through the fused autograd ops of `peft_fast.functional`; the other
+layer types and unusual combinations use a composite path with PEFT's exact formula.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import ops
+from ...functional import dora_linear, lora_linear
+from ...utils.other import is_conv1d, transpose
+from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+
+class DoraMagnitude(nn.Module):
+    """Holds DoRA's magnitude vector as `.weight` (PEFT's `lora_magnitude_vector[name].weight`)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude, requires_grad=True)
+
+    def __repr__(self) -> str:
+        return "lora.dora." + super().__repr__()
+
+
+class LoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.use_dora: dict[str, bool] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._caches: dict[str, Any] = {}
+        self.cast_input_dtype_enabled = True
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            in_f, out_f = base.in_features, base.out_features
+        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            in_f, out_f = base.in_channels, base.out_channels
+        elif isinstance(base, nn.Embedding):
+            in_f, out_f = base.num_embeddings, base.embedding_dim
+        elif is_conv1d(base):
+            in_f, out_f = base.weight.shape
+        else:
+            raise TypeError(f"Unsupported layer type {type(base)}")
+        self.in_features, self.out_features = in_f, out_f
+
+    # ---- creation -----------------------------------------------------------------------------
+    def _common_update(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias):
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = use_dora
+        self.lora_bias[adapter_name] = lora_bias
+
+    def _make_lora_modules(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
+                     lora_bias: bool = False, inference_mode: bool = False, **kwargs) -> None:
+        self._common_update(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
+        if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                "has no bias. This means that merging LoRA weights won't be possible."
+            )
+        # creation order matches PEFT so that the same seed gives the same initial weights
+        self._make_lora_modules(adapter_name, r, lora_bias)
+        if init_lora_weights:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        if use_dora:
+            self._init_dora(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        if init_lora_weights is False:
+            return
+        if adapter_name in self.lora_A:
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            elif str(init_lora_weights).lower() == "gaussian":
+                nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+            else:
+                raise ValueError(f"Unknown initialization {init_lora_weights=}")
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if self.lora_bias[adapter_name]:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _init_dora(self, adapter_name: str) -> None:
+        raise NotImplementedError(f"DoRA is not supported for {type(self.get_base_layer()).__name__} layers")
+
+    # ---- scaling helpers (PEFT API) -----------------------------------------------------------
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter not in self.scaling:
+            return
+        r, alpha = self.r[adapter], self.lora_alpha[adapter]
+        self.scaling[adapter] = scale * (alpha / math.sqrt(r) if self.use_rslora[adapter] else alpha / r)
+
+    def scale_layer(self, scale: float) -> None:
+        if scale == 1:
+            return
+        for a in self.active_adapters:
+            if a in self.lora_A or a in self.lora_embedding_A:
+                self.scaling[a] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for a in self.active_adapters:
+            if a not in self.lora_A and a not in self.lora_embedding_A:
+                continue
+            if scale is None:
+                self.set_scale(a, 1.0)
+            else:
+                self.scaling[a] /= scale
+
+    # ---- shared forward pieces ----------------------------------------------------------------
+    def _check_forward_args(self, x, *args, **kwargs) -> None:
+        adapter_names = kwargs.get("adapter_names", None)
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
+        for name in set(adapter_names) - {"__base__"}:
+            if self.use_dora.get(name, False):
+                raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+
+    def _active_present(self) -> list[str]:
+        keys = set(self.lora_A.keys()) | set(self.lora_embedding_A.keys())
+        return [a for a in self.active_adapters if a in keys]
+
+    def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for adapter in dict.fromkeys(adapter_names):
+            if adapter == "__base__" or adapter not in self.lora_A:
+                continue
+            idx = [i for i, a in enumerate(adapter_names) if a == adapter]
+            sub = x[idx].to(self.lora_A[adapter].weight.dtype)
+            out = self.lora_B[adapter](self.lora_A[adapter](self.lora_dropout[adapter](sub))) * self.scaling[adapter]
+            result[idx] += out.to(out_dtype)
+        return result
+
+    def _dora_factor(self, adapter: str, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m / ||W + delta||, norm) per output channel, shaped [N] (Linear) for merging."""
+        w = transpose(weight, getattr(self, "fan_in_fan_out", False)).float()
+        d = transpose(delta, getattr(self, "fan_in_fan_out", False)).float()
+        full = w + d
+        norm = full.flatten(1).norm(dim=1).to(weight.dtype)
+        return self.lora_magnitude_vector[adapter].weight.reshape(-1) / norm, norm
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA on nn.Linear, or on transformers' Conv1D with fan_in_fan_out=True."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
+                 init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False, lora_bias: bool = False,
+                 **kwargs) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, use_dora=use_dora,
+                          lora_bias=lora_bias, **kwargs)
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+
+    # -- DoRA ----------------------------------------------------------------------------------
+    def _weight_sqnorm(self) -> torch.Tensor:
+        """||W||^2 per output row, fp32; cached until the base weight changes (merge, load)."""
+        w = self.get_base_layer().weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        hit = self._caches.get("weight_sqnorm")
+        if hit is None or hit[0] != key:
+            wt = transpose(w.detach(), self.fan_in_fan_out)
+            hit = (key, wt.float().pow(2).sum(1))
+            self._caches["weight_sqnorm"] = hit
+        return hit[1]
+
+    def get_weight_norm(self, adapter: str, scaling: Optional[float] = None) -> torch.Tensor:
+        """||W + s B A|| per output row from the factored form (detached), [N]."""
+        return ops.dora_weight_norm(
+            self.get_base_layer().weight.detach(), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+            self.scaling[adapter] if scaling is None else scaling, self.fan_in_fan_out, self._weight_sqnorm(),
+        )
+
+    def _init_dora(self, adapter_name: str) -> None:
+        norm = self.get_weight_norm(adapter_name).to(self.lora_A[adapter_name].weight.dtype)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
+
+    # -- merge ---------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        B, A = self.lora_B[adapter].weight, self.lora_A[adapter].weight
+        dtype = B.dtype
+        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            A, B = A.float(), B.float()
+        out = transpose(B @ A, self.fan_in_fan_out) * self.scaling[adapter]
+        return out.to(dtype) if cast else out
+
+    def _merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter)
+        if adapter not in self.lora_magnitude_vector:
+            return weight + delta.to(weight.dtype)
+        factor, norm = self._dora_factor(adapter, delta, weight)
+        self._caches[f"{adapter}-weight_norm"] = norm
+        factor = transpose(factor.view(-1, 1), self.fan_in_fan_out)
+        return (factor * (weight + delta)).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.lora_A:
+                continue
+            base = self.get_base_layer()
+            new_w = self._merged_weight(adapter, base.weight.data)
+            new_b = None
+            if self.lora_bias[adapter]:
+                if getattr(base, "bias", None) is None:
+                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+                new_b = base.bias.data + self.lora_B[adapter].bias.data * self.scaling[adapter]
+            if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base.weight.data = new_w
+            if new_b is not None:
+                base.bias.data = new_b.to(base.bias.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.lora_A:
+                continue
+            w = self.get_base_layer().weight
+            delta = self.get_delta_weight(adapter)
+            if adapter in self.lora_magnitude_vector:
+                norm = self._caches.pop(f"{adapter}-weight_norm")
+                factor = self.lora_magnitude_vector[adapter].weight / norm
+                factor = transpose(factor.view(-1, 1), self.fan_in_fan_out)
+                w.data = (w.data / factor - delta).to(w.dtype)
+            else:
+                w.data -= delta.to(w.dtype)
+            if self.lora_bias[adapter]:
+                self.get_base_layer().bias.data -= self.lora_B[adapter].bias.data * self.scaling[adapter]
+
+    # -- forward -------------------------------------------------------------------------------
+    def _fusable(self, x: torch.Tensor, args, kwargs) -> bool:
+        base = self.base_layer
+        return (
+            not args and not kwargs
+            and (type(base) is nn.Linear or is_conv1d(base))
+            and not base._forward_hooks and not base._forward_pre_hooks
+            and x.dtype == base.weight.dtype and base.weight.dtype.is_floating_point
+            and x.shape[-1] == self.in_features
+        )
+
+    def _dropout_p(self, adapter: str) -> float:
+        d = self.lora_dropout[adapter]
+        return float(d.p) if isinstance(d, nn.Dropout) and self.training else 0.0
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        active = self._active_present()
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        if self._fusable(x, args, kwargs):
+            base = self.base_layer
+            dora = [a for a in active if a in self.lora_magnitude_vector]
+            if not dora:
+                return lora_linear(
+                    x, base.weight, base.bias, [self.lora_A[a].weight for a in active],
+                    [self.lora_B[a].weight for a in active], [self.scaling[a] for a in active],
+                    [self._dropout_p(a) for a in active], self.fan_in_fan_out,
+                ) if not any(self.lora_bias[a] for a in active) else self._composite_forward(x, active)
+            if len(active) == 1 and self._dropout_p(active[0]) == 0.0:
+                a = active[0]
+                return dora_linear(
+                    x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                    self.lora_magnitude_vector[a].weight, self.get_weight_norm(a), self.scaling[a], self.fan_in_fan_out,
+                )
+        return self._composite_forward(x, active, *args, **kwargs)
+
+    def _composite_forward(self, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch.Tensor:
+        """PEFT's formula step by step (several DoRA adapters, dropout under DoRA, lora_bias, hooks)."""
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for a in active:
+            A, B, drop, s = self.lora_A[a], self.lora_B[a], self.lora_dropout[a], self.scaling[a]
+            xa = self._cast_input_dtype(x, A.weight.dtype)
+            if a not in self.lora_magnitude_vector:
+                result = result + B(A(drop(xa))) * s
+                continue
+            base = self.get_base_layer()
+            w = transpose(base.weight, self.fan_in_fan_out).to(xa.dtype)
+            if isinstance(drop, nn.Identity) or not self.training:
+                base_result = result if base.bias is None else result - base.bias
+            else:
+                xa = drop(xa)
+                base_result = F.linear(xa, w)
+            c = (self.lora_magnitude_vector[a].weight / self.get_weight_norm(a).to(xa.dtype)).view(1, -1)
+            result = result + (c - 1) * base_result + c * B(A(xa)) * s
+        return result.to(out_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(nn.Module, LoraLayer):
+    """LoRA on nn.Embedding: lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False,
+                 use_dora: bool = False, lora_bias: bool = False, **kwargs) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        if lora_bias:
+            raise ValueError(f"lora_bias={lora_bias} is not supported for {self.__class__.__name__}.")
+        if use_dora:
+            raise NotImplementedError("DoRA on nn.Embedding is not supported by peft_fast yet; target Linear layers")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, **kwargs)
+
+    def _make_lora_modules(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+        dtype = A.dtype
+        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            A, B = A.float(), B.float()
+        out = (B @ A).T * self.scaling[adapter]
+        return out.to(dtype) if cast else out
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.lora_embedding_A:
+                continue
+            base = self.get_base_layer()
+            new_w = base.weight.data + self.get_delta_weight(adapter).to(base.weight.dtype)
+            if safe_merge and not torch.isfinite(new_w).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base.weight.data = new_w
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_embedding_A:
+                w = self.get_base_layer().weight
+                w.data -= self.get_delta_weight(adapter).to(w.dtype)
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b = self.get_base_layer()
+        return F.embedding(x, weight, padding_idx=b.padding_idx, max_norm=b.max_norm, norm_type=b.norm_type,
+                           scale_grad_by_freq=b.scale_grad_by_freq, sparse=b.sparse)
+
+    def _embed_scale(self):
+        scale = getattr(self.get_base_layer(), "embed_scale", None)
+        return scale if isinstance(scale, torch.Tensor) else None
+
+    def _check_forward_args(self, x, *args, **kwargs) -> None:
+        LoraLayer._check_forward_args(self, x, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        scale = self._embed_scale()
+        for a in dict.fromkeys(adapter_names) if adapter_names is not None else self.active_adapters:
+            if a not in self.lora_embedding_A:
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == a] if adapter_names is not None else None
+            xs = x if rows is None else x[rows]
+            out = (self._embed(xs, self.lora_embedding_A[a].T) @ self.lora_embedding_B[a].T) * self.scaling[a]
+            if scale is not None:
+                out = out * scale.to(out.dtype)
+            if rows is None:
+                result = result + out
+            else:
+                result[rows] += out.to(out_dtype)
+        return result.to(out_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class _ConvNd(nn.Module, LoraLayer):
+    """LoRA on nn.Conv1d / nn.Conv2d: lora_A is a conv with the base kernel, lora_B a 1x1 conv."""
+
+    conv_fn = None
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False,
+                 use_dora: bool = False, lora_bias: bool = False, **kwargs) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        if base_layer.groups > 1 and use_dora:
+            raise NotImplementedError("DoRA with grouped convolutions is not supported")
+        self._kernel_dim = base_layer.weight.dim()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, use_dora=use_dora,
+                          lora_bias=lora_bias, **kwargs)
+
+    def _make_lora_modules(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        base = self.get_base_layer()
+        ones = (1,) * (self._kernel_dim - 2)
+        self.lora_A[adapter_name] = type(base)(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[adapter_name] = type(base)(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+
+    def _init_dora(self, adapter_name: str) -> None:
+        w = self.get_base_layer().weight
+        norm = (w + self.get_delta_weight(adapter_name).detach()).flatten(1).norm(dim=1)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.view(1, -1, *([1] * (self._kernel_dim - 2))))
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        B, A = self.lora_B[adapter].weight, self.lora_A[adapter].weight
+        dtype = A.dtype
+        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            A, B = A.float(), B.float()
+        base = self.get_base_layer()
+        r = A.shape[0]
+        if base.weight.shape[2:] == (1,) * (self._kernel_dim - 2):
+            out = (B.reshape(B.shape[0], r) @ A.reshape(r, -1)).reshape(base.weight.shape) * self.scaling[adapter]
+        else:
+            out = self.conv_fn(A.transpose(0, 1), B)
+            out = out * self.scaling[adapter] if base.groups > 1 else out.transpose(0, 1) * self.scaling[adapter]
+        return out.to(dtype) if cast else out
+
+    def _factor_view(self):
+        return (-1,) + (1,) * (self._kernel_dim - 1)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.lora_A:
+                continue
+            base = self.get_base_layer()
+            delta = self.get_delta_weight(adapter)
+            w = base.weight.data
+            if adapter in self.lora_magnitude_vector:
+                factor, norm = self._dora_factor(adapter, delta, w)
+                self._caches[f"{adapter}-weight_norm"] = norm
+                new_w = (factor.view(*self._factor_view()) * (w + delta)).to(w.dtype)
+            else:
+                new_w = w + delta.to(w.dtype)
+            new_b = None
+            if self.lora_bias[adapter]:
+                if base.bias is None:
+                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+                new_b = base.bias.data + self.lora_B[adapter].bias.data * self.scaling[adapter]
+            if safe_merge and not torch.isfinite(new_w).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base.weight.data = new_w
+            if new_b is not None:
+                base.bias.data = new_b
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.lora_A:
+                continue
+            w = self.get_base_layer().weight
+            delta = self.get_delta_weight(adapter)
+            if adapter in self.lora_magnitude_vector:
+                norm = self._caches.pop(f"{adapter}-weight_norm")
+                factor = (self.lora_magnitude_vector[adapter].weight.reshape(-1) / norm).view(*self._factor_view())
+                w.data = (w.data / factor - delta).to(w.dtype)
+            else:
+                w.data -= delta.to(w.dtype)
+            if self.lora_bias[adapter]:
+                self.get_base_layer().bias.data -= self.lora_B[adapter].bias.data * self.scaling[adapter]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        base = self.get_base_layer()
+        for a in self._active_present():
+            A, B, drop, s = self.lora_A[a], self.lora_B[a], self.lora_dropout[a], self.scaling[a]
+            xa = self._cast_input_dtype(x, A.weight.dtype)
+            if a not in self.lora_magnitude_vector:
+                result = result + B(A(drop(xa))) * s
+                continue
+            bias_shape = (1, -1) + (1,) * (result.dim() - 2)
+            if isinstance(drop, nn.Identity) or not self.training:
+                base_result = result if base.bias is None else result - base.bias.view(*bias_shape)
+            else:
+                xa = drop(xa)
+                base_result = self.conv_fn(xa, base.weight, None, base.stride, base.padding, base.dilation, base.groups)
+            delta = self.get_delta_weight(a).detach()
+            norm = (base.weight + delta).flatten(1).norm(dim=1).detach()
+            c = self.lora_magnitude_vector[a].weight / norm.view(1, -1, *([1] * (self._kernel_dim - 2)))
+            result = result + (c - 1) * base_result + c * B(A(xa)) * s
+        return result.to(out_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Conv1d(_ConvNd):
+    conv_fn = staticmethod(F.conv1d)
+
+
+class Conv2d(_ConvNd):
+    conv_fn = staticmethod(F.conv2d)

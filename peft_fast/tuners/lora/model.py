@@ -1,0 +1,180 @@
+"""`LoraModel`: injects LoRA/DoRA layers and implements PEFT's LoRA-specific model API (L3)."""
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import replace
+from functools import reduce
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from ...utils.other import ModulesToSaveWrapper, _get_submodules, get_pattern_key, is_conv1d
+from ..tuners_utils import BaseTuner, BaseTunerLayer
+from .config import LoraConfig
+from .layer import Conv1d, Conv2d, Embedding, Linear, LoraLayer
+
+
+def _new_lora_module(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs) -> nn.Module:
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Embedding):
+        return Embedding(target, adapter_name, **kwargs)
+    if isinstance(base, nn.Conv2d):
+        return Conv2d(target, adapter_name, **kwargs)
+    if isinstance(base, nn.Conv1d):
+        return Conv1d(target, adapter_name, **kwargs)
+    if isinstance(base, nn.Linear):
+        if fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.")
+        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+    if is_conv1d(base):
+        if not fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.")
+        return Linear(target, adapter_name, fan_in_fan_out=True, is_target_conv_1d_layer=True, **kwargs)
+    raise ValueError(
+        f"Target module {base} is not supported. Currently, only the following modules are supported: "
+        "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `transformers.pytorch_utils.Conv1D`."
+    )
+
+
+class LoraModel(BaseTuner):
+    """Creates a LoRA (or DoRA) model from a pretrained model (same API as ``peft.LoraModel``)."""
+
+    prefix = "lora_"
+    tuner_layer_cls = LoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        if len(self.peft_config) > 1 and sum(c.bias != "none" for c in self.peft_config.values()) > 1:
+            raise ValueError(
+                f"{self.__class__.__name__} supports only 1 adapter with bias. When using multiple adapters, "
+                "set bias to 'none' for all adapters."
+            )
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key):
+        r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), current_key), lora_config.r)
+        alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), current_key),
+                                              lora_config.lora_alpha)
+        kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=lora_config.lora_dropout,
+                      init_lora_weights=lora_config.init_lora_weights, use_rslora=lora_config.use_rslora,
+                      use_dora=lora_config.use_dora, lora_bias=lora_config.lora_bias,
+                      inference_mode=lora_config.inference_mode)
+        if isinstance(target, LoraLayer):
+            if isinstance(target, Embedding):
+                if lora_config.use_dora:
+                    raise NotImplementedError("DoRA on nn.Embedding is not supported by peft_fast yet")
+                kwargs.pop("use_dora"), kwargs.pop("lora_bias")
+            target.update_layer(adapter_name, **kwargs)
+        else:
+            new_module = _new_lora_module(target, adapter_name, lora_config.fan_in_fan_out, **kwargs)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+
+    # ---- add_weighted_adapter ------------------------------------------------------------------
+    def _check_add_weighted_adapter(self, adapters: list[str], combination_type: str, svd_rank: Optional[int]):
+        for a in adapters:
+            if a not in self.peft_config:
+                raise ValueError(f"Adapter {a} does not exist")
+        wrappers = [m for m in self.modules() if isinstance(m, ModulesToSaveWrapper)]
+        if any(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers):
+            raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save.")
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        ranks = [c.r if not c.rank_pattern else max(c.r, *c.rank_pattern.values())
+                 for c in (self.peft_config[a] for a in adapters)]
+        if combination_type == "linear":
+            if len(set(ranks)) != 1:
+                raise ValueError("All adapters must have the same r value when using combination_type linear.")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type == "svd":
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(f"Invalid combination_type: {combination_type!r} (supported: 'linear', 'cat', 'svd')")
+        types = {type(self.peft_config[a].target_modules) for a in adapters}
+        if len(types) > 1:
+            raise ValueError("all adapter configs should follow the same target modules type.")
+        if str in types:
+            new_targets = "|".join(f"({self.peft_config[a].target_modules})" for a in adapters)
+        else:
+            new_targets = reduce(operator.or_, (set(self.peft_config[a].target_modules) for a in adapters))
+        return combination_type, new_rank, new_targets
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """Combine adapters into a new one: 'linear' (weighted sum of A and B), 'cat'
+        (concatenated ranks, exact) or 'svd' (truncated SVD of the weighted delta)."""
+        if adapter_name in self.peft_config:
+            return
+        combination_type, new_rank, new_targets = self._check_add_weighted_adapter(adapters, combination_type, svd_rank)
+        self.peft_config[adapter_name] = replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
+                                                 target_modules=new_targets, alpha_pattern={}, rank_pattern={})
+        self.inject_adapter(self.model, adapter_name)
+        for m in self.model.modules():
+            if isinstance(m, LoraLayer):
+                for layer_name in m.adapter_layer_names:
+                    d = getattr(m, layer_name)
+                    if adapter_name in d:
+                        d[adapter_name].requires_grad_(False)
+        for key in [k for k, _ in self.model.named_modules() if self.prefix not in k]:
+            _, target, _ = _get_submodules(self.model, key)
+            if not isinstance(target, LoraLayer):
+                continue
+            if adapter_name in target.lora_A:
+                tA, tB = target.lora_A[adapter_name].weight, target.lora_B[adapter_name].weight
+            elif adapter_name in target.lora_embedding_A:
+                tA, tB = target.lora_embedding_A[adapter_name], target.lora_embedding_B[adapter_name]
+            else:
+                continue
+            tA.data.zero_()
+            tB.data.zero_()
+            pairs = [(a, w) for a, w in zip(adapters, weights) if a in target.lora_A or a in target.lora_embedding_A]
+            if not pairs:
+                raise ValueError("No matching LoRAs found.")
+
+            def ab(a):
+                if a in target.lora_A:
+                    return target.lora_A[a].weight.data, target.lora_B[a].weight.data
+                return target.lora_embedding_A[a].data, target.lora_embedding_B[a].data
+
+            if combination_type == "cat":
+                As = torch.cat([ab(a)[0] * w * target.scaling[a] for a, w in pairs], dim=0)
+                Bs = torch.cat([ab(a)[1] for a, w in pairs], dim=1)
+                tA.data[: As.shape[0]] = As
+                tB.data[:, : Bs.shape[1]] = Bs
+            elif combination_type == "linear":
+                wA, wB = [], []
+                for a, w in pairs:
+                    ws = w * target.scaling[a]
+                    wA.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
+                    wB.append(math.sqrt(abs(ws)))
+                tA.data = sum(x * ab(a)[0] for x, (a, _) in zip(wA, pairs)).to(tA.dtype)
+                tB.data = sum(x * ab(a)[1] for x, (a, _) in zip(wB, pairs)).to(tB.dtype)
+            else:
+                tA.data, tB.data = self._svd_weighted(pairs, new_rank, target, tA, tB, svd_clamp,
+                                                      svd_full_matrices, svd_driver)
+
+    @staticmethod
+    def _svd_weighted(pairs, new_rank, target, tA, tB, clamp, full_matrices, driver):
+        delta = sum(w * target.get_delta_weight(a) for a, w in pairs)
+        conv2d = isinstance(target, Conv2d)
+        if conv2d:
+            delta = delta.squeeze() if target.weight.shape[2:4] == (1, 1) else delta.flatten(start_dim=1)
+        if getattr(target, "fan_in_fan_out", False) or isinstance(target, Embedding):
+            delta = delta.T
+        U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=full_matrices, driver=driver)
+        U = U[:, :new_rank] @ torch.diag(S[:new_rank])
+        Vh = Vh[:new_rank, :]
+        if clamp is not None:
+            hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+            U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
+        if conv2d:
+            U, Vh = U.reshape(tB.shape), Vh.reshape(tA.shape)
+        return Vh.to(tA.dtype), U.to(tB.dtype)

@@ -1,0 +1,458 @@
+"""Shared tuner machinery (L3): target matching, module injection, adapter bookkeeping.
+
+`BaseTunerLayer` is the mixin of every adapter layer; `BaseTuner` wraps the user's model,
+replaces targeted modules and implements merge/unload/enable/disable/delete with PEFT's
+semantics and names.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig
+from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
+from ..utils.other import ModulesToSaveWrapper, _get_submodules, get_conv1d_cls, set_trainable
+
+
+class _ExcludedModule:
+    """Result of target matching for a module excluded on purpose (falsy)."""
+
+    def __bool__(self):
+        return False
+
+
+def check_target_module_exists(config, key: str) -> Union[bool, "re.Match[str]", None]:
+    """Whether module `key` is targeted by `config` (PEFT's rules: list = exact name or
+    suffix after a dot, str = full regex match; exclude_modules; layers_to_transform)."""
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return _ExcludedModule()
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return _ExcludedModule()
+    modules_to_save = getattr(config, "modules_to_save", None)
+    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
+        return _ExcludedModule()
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key)
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layer_indexes = getattr(config, "layers_to_transform", None)
+    layers_pattern = getattr(config, "layers_pattern", None)
+    using_indexes = layer_indexes is not None and (len(layer_indexes) != 0 if isinstance(layer_indexes, list) else True)
+    if using_indexes and found:
+        match = None
+        if not layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match:
+                    break
+        if match is None:
+            return False
+        idx = int(match.group("idx"))
+        found = idx == layer_indexes if isinstance(layer_indexes, int) else idx in layer_indexes
+    return found
+
+
+def _maybe_include_all_linear_layers(config: PeftConfig, model: nn.Module) -> PeftConfig:
+    """Expand target_modules='all-linear' to every Linear/Conv1D except the output head."""
+    targets = getattr(config, "target_modules", None)
+    if not (isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return config
+    conv1d = get_conv1d_cls()
+    classes = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
+    names = {n for n, m in model.named_modules() if isinstance(m, classes)}
+    names |= {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and "Linear" in type(m).__name__}
+    exclude = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        exclude |= {n for n, m in model.named_modules() if m is out_emb}
+    elif str(getattr(config, "task_type", None) or "").endswith("SEQ_CLS"):
+        for head in SEQ_CLS_HEAD_NAMES:
+            mod = getattr(model, head, None)
+            if mod is not None:
+                exclude |= {n for n, m in model.named_modules() if m is mod}
+                break
+    for prefix, m in model.named_modules():
+        if isinstance(m, BaseTunerLayer):
+            exclude |= {f"{prefix}.{s}" for s, _ in m.named_modules() if s}
+    config.target_modules = names - exclude
+    return config
+
+
+def check_adapters_to_merge(module: "BaseTunerLayer", adapter_names: Optional[list[str]] = None) -> list[str]:
+    if adapter_names is None:
+        adapter_names = module.active_adapters
+    if isinstance(adapter_names, str):
+        raise ValueError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+    if module.merged:
+        merged = set(module.merged_adapters)
+        adapter_names = [n for n in adapter_names if n not in merged]
+        if not adapter_names:
+            warnings.warn(f"All adapters are already merged, nothing to do. Merged: {sorted(merged)}")
+    return adapter_names
+
+
+class BaseTunerLayer:
+    """Mixin of every adapter layer: adapter bookkeeping shared by LoRA and IA3."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    _active_adapter: Union[str, list[str]] = "default"
+    merged_adapters: list[str] = []
+
+    def get_base_layer(self) -> nn.Module:
+        base = self
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self._active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    def _adapter_dicts(self):
+        for name in self.adapter_layer_names + self.other_param_names:
+            d = getattr(self, name, None)
+            if isinstance(d, (dict, nn.ModuleDict, nn.ParameterDict)):
+                yield name, d
+
+    def _all_available_adapter_names(self) -> list[str]:
+        names = []
+        for _, d in self._adapter_dicts():
+            names.extend(k for k in d.keys() if k not in names)
+        return names
+
+    def _set_adapter_grad(self, names: set[str], requires_grad: bool, only_in: bool = True) -> None:
+        for layer_name in self.adapter_layer_names:
+            d = getattr(self, layer_name)
+            for key, layer in d.items():
+                if (key in names) == only_in:
+                    if isinstance(layer, nn.Parameter):
+                        layer.requires_grad_(requires_grad)
+                    else:
+                        layer.requires_grad_(requires_grad)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for layer_name in self.adapter_layer_names:
+                getattr(self, layer_name).requires_grad_(False)
+            self._disable_adapters = True
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._set_adapter_grad(set(names), not inference_mode, only_in=True)
+        self._set_adapter_grad(set(names), False, only_in=False)
+        self._active_adapter = names[0] if isinstance(adapter_names, str) else names
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        self._set_adapter_grad(names, requires_grad, only_in=True)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for _, d in self._adapter_dicts():
+            if adapter_name in d:
+                del d[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = [a for a in self.active_adapters if a != adapter_name]
+            if not remaining:
+                remaining = self._all_available_adapter_names()[:1]
+            if remaining:
+                self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+            else:
+                self._active_adapter = []
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
+        base = self.get_base_layer()
+        w = getattr(base, "weight", None)
+        if w is None:
+            return
+        device, dtype = w.device, w.dtype
+        floating = dtype.is_floating_point
+        for layer_name in self.adapter_layer_names:
+            d = getattr(self, layer_name, None)
+            if d is None or adapter_name not in d:
+                continue
+            target = d[adapter_name]
+            if isinstance(target, nn.Parameter):
+                target.data = target.data.to(device, dtype=dtype if floating else None)
+            else:
+                d[adapter_name] = target.to(device, dtype=dtype) if floating else target.to(device)
+
+    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x is None or not getattr(self, "cast_input_dtype_enabled", True) or x.dtype == dtype:
+            return x
+        return x.to(dtype=dtype)
+
+
+class BaseTuner(nn.Module):
+    """Wraps a model, injects adapter layers into the targeted modules and manages them."""
+
+    prefix: str = ""
+    tuner_layer_cls: type = BaseTunerLayer
+    target_module_mapping: dict = {}
+
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False,
+                 state_dict: Optional[dict] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.targeted_module_names: list[str] = []
+        if not hasattr(self, "peft_config"):
+            self.peft_config = {adapter_name: peft_config} if isinstance(peft_config, PeftConfig) else peft_config
+        self.active_adapter: Union[str, list[str]] = adapter_name
+        self.inject_adapter(self.model, adapter_name, state_dict=state_dict)
+        self.model.peft_config = self.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else a
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- injection ---------------------------------------------------------------------------
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            return {"model_type": "custom"}
+        return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"Please specify `target_modules` in `peft_config`: no default is known for model_type {model_type!r}"
+                )
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+        return peft_config
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        pass
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key):
+        raise NotImplementedError
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
+        peft_config = self.peft_config[adapter_name]
+        self._check_new_adapter_config(peft_config)
+        peft_config = self._prepare_adapter_config(peft_config, self.get_model_config(model))
+        named = list(model.named_modules())
+        existing = [k + "." for k, m in named if isinstance(m, BaseTunerLayer)]
+        peft_config = _maybe_include_all_linear_layers(peft_config, model)
+        from_state = None
+        if state_dict is not None:
+            from_state = {k.rsplit("." + self.prefix, 1)[0] for k in state_dict}
+        excluded, matched = [], []
+        for key, module in named:
+            if not key or any(key.startswith(p) for p in existing):
+                continue
+            if isinstance(module, ModulesToSaveWrapper) or ".modules_to_save." in key or ".original_module" in key:
+                continue
+            result = (key in from_state) if from_state is not None else check_target_module_exists(peft_config, key)
+            if isinstance(result, _ExcludedModule):
+                excluded.append(key)
+            elif result:
+                matched.append(key)
+                parent, target, target_name = _get_submodules(model, key)
+                self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
+        if not matched:
+            targets = peft_config.target_modules
+            if excluded:
+                raise ValueError(
+                    f"All modules were excluded. Target modules {sorted(targets) if isinstance(targets, set) else targets!r}"
+                    f" and exclude_modules {getattr(peft_config, 'exclude_modules', None)!r} leave nothing to adapt."
+                )
+            raise ValueError(
+                f"Target modules {sorted(targets) if isinstance(targets, set) else targets!r} not found in the base "
+                f"model. Please check the target modules and try again."
+            )
+        self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
+        self.set_adapter(self.active_adapters)
+        self._mark_only_adapters_as_trainable(model)
+        if peft_config.inference_mode:
+            for n, p in model.named_parameters():
+                if adapter_name in n:
+                    p.requires_grad = False
+        set_trainable(model, adapter_name, getattr(peft_config, "modules_to_save", None),
+                      inference_mode=peft_config.inference_mode)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        base = child.base_layer if hasattr(child, "base_layer") else child
+        weight = getattr(base, "weight", None)
+        if weight is None:
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name:
+                module.to(weight.device)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            # modules_to_save copies manage their own requires_grad
+            if self.prefix not in n and ".modules_to_save." not in n:
+                p.requires_grad = False
+        for active in self.active_adapters:
+            bias = getattr(self.peft_config[active], "bias", "none")
+            if bias == "none":
+                continue
+            if bias == "all":
+                for n, p in model.named_parameters():
+                    if n == "bias" or n.endswith(".bias"):
+                        p.requires_grad = True
+            elif bias.endswith("_only"):
+                for m in model.modules():
+                    if isinstance(m, self.tuner_layer_cls) and getattr(m, "bias", None) is not None:
+                        m.bias.requires_grad = True
+            else:
+                raise NotImplementedError(f"Requested bias: {bias!r}, is not implemented.")
+
+    # ---- adapter management ------------------------------------------------------------------
+    def _tuner_layers(self):
+        return [m for m in self.model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        for m in self._tuner_layers():
+            m.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._enable_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        for active in self.active_adapters:
+            if getattr(self.peft_config[active], "bias", "none") != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be "
+                    f"'{self.peft_config[active].bias}' does not produce the same output as the base model would "
+                    "without adaption."
+                )
+        self._enable_adapter_layers(False)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name!r} not found. Available adapters: {sorted(self.peft_config)}")
+        for m in self.model.modules():
+            if isinstance(m, BaseTunerLayer):
+                if m.merged:
+                    warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                    m.unmerge()
+                m.set_adapter(adapter_name, inference_mode=inference_mode)
+            elif isinstance(m, ModulesToSaveWrapper):
+                m.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist. Available adapters: {sorted(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        new_active: list[str] = []
+        for m in self.model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.delete_adapter(adapter_name)
+                new_active = new_active or m.active_adapters
+        if not new_active:
+            new_active = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
+        for m in self.model.modules():
+            if isinstance(m, ModulesToSaveWrapper):
+                m.delete_adapter(adapter_name, new_active)
+        self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
+
+    def _check_merge_allowed(self) -> None:
+        pass
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_merge_allowed()
+        for m in self.model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, BaseTunerLayer) and m.merged:
+                m.unmerge()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        keys = [k for k, _ in self.model.named_modules() if self.prefix not in k]
+        for key in _progress(keys, progressbar, "Unloading " + ("and merging " if merge else "") + "model"):
+            try:
+                parent, target, target_name = _get_submodules(self.model, key)
+            except AttributeError:
+                continue
+            if isinstance(target, BaseTunerLayer):
+                if merge:
+                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, target_name, target.get_base_layer())
+            elif isinstance(target, ModulesToSaveWrapper):
+                setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
+        for attr in ("peft_config",):
+            if attr in self.model.__dict__:
+                del self.model.__dict__[attr]
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model."""
+        return self._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+                                                 adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer and return the original base model, unchanged."""
+        return self._unload_and_optionally_merge(merge=False)
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc)

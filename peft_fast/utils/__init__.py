@@ -1,0 +1,1 @@
+"""Helpers shared by the layers above (file I/O, key formats, enums, constants)."""

@@ -1,0 +1,176 @@
+"""Adapter state dicts in PEFT's on-disk key format, and reading adapter files (L4).
+
+Model keys carry the adapter name (``q_proj.lora_A.default.weight``); checkpoint keys do
+not (``q_proj.lora_A.weight``), and DoRA's magnitude is stored as ``...lora_magnitude_vector``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .io import load_weights_file
+from .other import ModulesToSaveWrapper
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _remove_adapter_name(key: str, adapter_name: str) -> str:
+    if "." not in key:
+        return key
+    if key.endswith(f".{adapter_name}"):
+        return key[: -len(adapter_name) - 1]
+    head, _, suffix = key.rpartition(".")
+    head = re.sub(re.escape(f".{adapter_name}") + r"$", "", head)
+    return f"{head}.{suffix}"
+
+
+def _to_checkpoint_key(key: str, adapter_name: str) -> str:
+    if key.endswith(f"lora_magnitude_vector.{adapter_name}.weight"):
+        key = key[: -len(".weight")]
+    return _remove_adapter_name(key, adapter_name)
+
+
+def _adapter_model_keys(model: nn.Module, adapter_name: str) -> list[str]:
+    """Model state-dict keys of one adapter's tuner-layer tensors, found structurally."""
+    from ..tuners.tuners_utils import BaseTunerLayer
+
+    keys = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for layer_name in module.adapter_layer_names:
+            d = getattr(module, layer_name, None)
+            if d is None or adapter_name not in d:
+                continue
+            item = d[adapter_name]
+            prefix = f"{name}.{layer_name}.{adapter_name}" if name else f"{layer_name}.{adapter_name}"
+            if isinstance(item, torch.Tensor):
+                keys.append(prefix)
+            else:
+                keys.extend(f"{prefix}.{k}" for k in item.state_dict())
+    return keys
+
+
+def _tuner_config(model, adapter_name: str):
+    configs = getattr(model, "peft_config", None)
+    if not configs or adapter_name not in configs:
+        raise ValueError(f"Adapter {adapter_name!r} not found. Available adapters: {sorted(configs or {})}")
+    return configs[adapter_name]
+
+
+def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_name: str = "default",
+                              unwrap_compiled: bool = False, save_embedding_layers="auto") -> dict:
+    """The adapter's tensors with checkpoint keys (adapter name removed), as PEFT saves them."""
+    from ..tuners.tuners_utils import BaseTunerLayer
+
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    config = _tuner_config(model, adapter_name)
+    if state_dict is None:
+        state_dict = model.state_dict()
+    out = {k: state_dict[k] for k in _adapter_model_keys(model, adapter_name) if k in state_dict}
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        out.update({k: v for k, v in state_dict.items() if k == "bias" or k.endswith(".bias")})
+    elif bias.endswith("_only"):
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                key = f"{name}.base_layer.bias" if name else "base_layer.bias"
+                if key in state_dict:
+                    out[key] = state_dict[key]
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            local = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+            out.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, local).items()})
+    if _save_embeddings(model, config, save_embedding_layers):
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES):
+                out.update({k: v for k, v in state_dict.items() if k.startswith(f"{name}.")
+                            and (k.startswith(f"{name}.base_layer.") or f".{adapter_name}" in k)})
+    return {_to_checkpoint_key(k, adapter_name): v for k, v in out.items()}
+
+
+def _save_embeddings(model, config, save_embedding_layers) -> bool:
+    if save_embedding_layers is not True and save_embedding_layers != "auto":
+        return False
+    targets = getattr(config, "target_modules", None)
+    targeted = False
+    if isinstance(targets, str) and targets != INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        targeted = any(re.match(rf"(.*\.)?{e}$", n) and re.fullmatch(targets, n)
+                       for n, _ in model.named_modules() for e in EMBEDDING_LAYER_NAMES)
+    elif targets and not isinstance(targets, str):
+        targeted = any(e in targets for e in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers == "auto" and targeted:
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+    return targeted if save_embedding_layers == "auto" else True
+
+
+def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: str = "default",
+                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False):
+    """Load checkpoint-format adapter tensors into `adapter_name` of the model.
+
+    Raises ValueError naming the key when a tensor's shape does not fit the model (unless
+    ignore_mismatched_sizes, which skips it with a warning). Returns load_state_dict's result.
+    """
+    _tuner_config(model, adapter_name)
+    model_sd = model.state_dict()
+    has_prefix = any(k.startswith(_PEFT_PREFIX) for k in model_sd)
+    ckpt = {}
+    for k, v in peft_model_state_dict.items():
+        if has_prefix and not k.startswith(_PEFT_PREFIX):
+            k = _PEFT_PREFIX + k
+        elif not has_prefix and k.startswith(_PEFT_PREFIX):
+            k = k[len(_PEFT_PREFIX):]
+        ckpt[k] = v
+    mapping = {_to_checkpoint_key(k, adapter_name): k for k in _adapter_model_keys(model, adapter_name)}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for k, target in module.adapter_state_dict_load_map(adapter_name).items():
+                mapping[f"{name}.{k}"] = f"{name}.{target}"
+    to_load, unexpected, mismatched = {}, [], []
+    for k, v in ckpt.items():
+        mk = mapping.get(k, k)
+        if mk not in model_sd:
+            unexpected.append(k)
+            continue
+        if model_sd[mk].shape != v.shape:
+            if not ignore_mismatched_sizes:
+                raise ValueError(
+                    f"Shape mismatch for {k!r}: the checkpoint has {tuple(v.shape)} but the model expects "
+                    f"{tuple(model_sd[mk].shape)}. The adapter was trained for a different base model or rank."
+                )
+            mismatched.append((k, tuple(v.shape), tuple(model_sd[mk].shape)))
+            continue
+        to_load[mk] = v
+    if unexpected:
+        warnings.warn(f"Unexpected keys in the adapter checkpoint were ignored: {unexpected[:10]}"
+                      + (" ..." if len(unexpected) > 10 else ""))
+    if mismatched:
+        warnings.warn("Some adapter weights were ignored because of shape mismatches: "
+                      + "; ".join(f"{k}: checkpoint {a}, model {b}" for k, a, b in mismatched))
+    missing = [mk for mk in mapping.values() if mk not in to_load and mk in model_sd]
+    if missing and not mismatched:
+        warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing[:10]}")
+    result = model.load_state_dict(to_load, strict=False, assign=low_cpu_mem_usage)
+    return type(result)(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def load_peft_weights(model_id: str, device: Optional[str] = None, **kwargs) -> dict:
+    """Read ``adapter_model.safetensors`` (or, failing that, ``adapter_model.bin`` with
+    weights_only=True) from a local directory."""
+    path = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else model_id
+    if not os.path.isdir(path):
+        raise ValueError(f"Can't find adapter weights: {path!r} is not a local directory")
+    st = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
+    bin_ = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(st):
+        return load_weights_file(st, device or "cpu")
+    if os.path.isfile(bin_):
+        return load_weights_file(bin_, device or "cpu")
+    raise ValueError(f"Can't find weights for {model_id!r}: neither {SAFETENSORS_WEIGHTS_NAME} nor {WEIGHTS_NAME} is there")

@@ -1,0 +1,105 @@
+"""DoRA linear forward/backward with a frozen base weight.
+
+DoRA: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024 (arXiv:2402.09353).
+
+    n = ||W + s B A||_row   (detached, Sec. 4.3 of the paper)
+    y = (m / n) * (x W^T + s (x A^T) B^T) + b
+
+The row norm uses the factored form, never W + sBA nor an identity matrix:
+    n^2 = ||W||^2_row + 2 s rowdot(W A^T, B) + s^2 rowdot(B (A A^T), B)
+Pure-torch references (`*_ref`): test oracle and CPU path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def dora_weight_norm_ref(
+    weight: Tensor,  # [N, K] ([K, N] if fan_in_fan_out)
+    lora_A: Tensor,  # [r, K]
+    lora_B: Tensor,  # [N, r]
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    weight_sqnorm: Optional[Tensor] = None,  # [N] cached ||W||^2_row, fp32
+) -> Tensor:
+    """||W + s B A|| per output row, [N], computed in fp32 and returned in W's dtype."""
+    w = weight.t() if fan_in_fan_out else weight
+    A = lora_A.detach().float()
+    B = lora_B.detach().float()
+    if weight_sqnorm is None:
+        weight_sqnorm = w.float().pow(2).sum(1)
+    wa = w.float() @ A.t() if w.dtype != torch.float32 else w @ A.t()  # [N, r]
+    bta = B @ (A @ A.t())  # [N, r]
+    sq = weight_sqnorm + (2.0 * scaling) * (wa * B).sum(1) + (scaling * scaling) * (bta * B).sum(1)
+    return sq.clamp_min_(0.0).sqrt_().to(weight.dtype)
+
+
+def dora_fwd_ref(
+    x: Tensor,  # [M, K]
+    weight: Tensor,  # [N, K] ([K, N] if fan_in_fan_out)
+    bias: Optional[Tensor],  # [N]
+    lora_A: Tensor,  # [r, K]
+    lora_B: Tensor,  # [N, r]
+    scaling: float,
+    magnitude: Tensor,  # [N]
+    weight_norm: Tensor,  # [N], detached
+    fan_in_fan_out: bool = False,
+    keep_pre: bool = True,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Returns y [M, N], xa = x A^T [M, r] and, if keep_pre, the unscaled output
+    ypre = x W^T + s xa B^T [M, N] that the magnitude gradient needs."""
+    w = weight.t() if fan_in_fan_out else weight
+    xl = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+    xa = xl @ lora_A.t()
+    ypre = x @ w.t()
+    if lora_B.dtype == ypre.dtype:
+        ypre.addmm_(xa, lora_B.t(), alpha=scaling)
+    else:
+        ypre.add_((xa @ lora_B.t()).to(ypre.dtype), alpha=scaling)
+    c = (magnitude / weight_norm).to(ypre.dtype)
+    if keep_pre:
+        y = torch.addcmul(bias, ypre, c) if bias is not None else ypre * c
+    else:
+        y = ypre.mul_(c)
+        if bias is not None:
+            y.add_(bias)
+        ypre = None
+    return y, xa, ypre
+
+
+def dora_bwd_ref(
+    dy: Tensor,  # [M, N]
+    x: Tensor,  # [M, K]
+    weight: Tensor,  # [N, K] ([K, N] if fan_in_fan_out)
+    lora_A: Tensor,  # [r, K]
+    lora_B: Tensor,  # [N, r]
+    scaling: float,
+    magnitude: Tensor,  # [N]
+    weight_norm: Tensor,  # [N]
+    xa: Tensor,  # [M, r]
+    ypre: Tensor,  # [M, N]
+    fan_in_fan_out: bool = False,
+    need_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """With c = m/n (n detached): dyc = dy*c; dx = dyc W + s (dyc B) A; dA = s (dyc B)^T x;
+    dB = s dyc^T xa; dm = colsum(dy * ypre) / n. Returns (dx, dA, dB, dm)."""
+    w = weight.t() if fan_in_fan_out else weight
+    c = (magnitude / weight_norm).to(dy.dtype)
+    dm = ((dy * ypre).sum(0) / weight_norm).to(magnitude.dtype)
+    dyc = dy * c
+    dx = dyc @ w if need_dx else None
+    dyl = dyc if dyc.dtype == lora_B.dtype else dyc.to(lora_B.dtype)
+    g = (dyl @ lora_B).mul_(scaling)  # [M, r]
+    dB = (dyl.t() @ xa).mul_(scaling)
+    xl = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+    dA = g.t() @ xl
+    if dx is not None:
+        if lora_A.dtype == dx.dtype:
+            dx.addmm_(g, lora_A)
+        else:
+            dx.add_((g @ lora_A).to(dx.dtype))
+    return dx, dA, dB, dm
