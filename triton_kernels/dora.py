@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ._workspace import scratch
+
 Tensor = torch.Tensor
 
 
@@ -89,8 +91,9 @@ def dora_bwd_ref(
     dB = s dyc^T xa; dm = colsum(dy * ypre) / n. Returns (dx, dA, dB, dm)."""
     w = weight.t() if fan_in_fan_out else weight
     c = (magnitude / weight_norm).to(dy.dtype)
-    dm = ((dy * ypre).sum(0) / weight_norm).to(magnitude.dtype)
-    dyc = dy * c
+    prod = torch.mul(dy, ypre, out=scratch("dora_prod", dy.shape, dy.dtype, dy.device))
+    dm = (prod.sum(0) / weight_norm).to(magnitude.dtype)
+    dyc = torch.mul(dy, c, out=prod)  # reuses the buffer: prod is consumed
     dx = dyc @ w if need_dx else None
     dyl = dyc if dyc.dtype == lora_B.dtype else dyc.to(lora_B.dtype)
     g = (dyl @ lora_B).mul_(scaling)  # [M, r]

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ._workspace import scratch
+
 Tensor = torch.Tensor
 
 
@@ -57,9 +59,9 @@ def ia3_bwd_ref(
     l = ia3_l.to(dy.dtype)
     if is_feedforward:
         t = dy @ w  # [M, K]
-        dl = (t * x).sum(0)
+        dl = torch.mul(t, x, out=scratch("ia3_prod", t.shape, t.dtype, t.device)).sum(0)
         dx = t.mul_(l) if need_dx else None
         return dx, dl
-    dl = (dy * base).sum(0)
+    dl = torch.mul(dy, base, out=scratch("ia3_prod", dy.shape, dy.dtype, dy.device)).sum(0)
     dx = dy @ (w * l[:, None]) if need_dx else None
     return dx, dl
