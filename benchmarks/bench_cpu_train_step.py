@@ -118,15 +118,17 @@ def run(args) -> list[dict]:
     except ImportError:
         rng = range(args.steps)
     order = list(steps)
+    # CPU time of this (single-threaded) process: unaffected by other load on the machine
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for i in rng:
         for k in order[i % len(order):] + order[: i % len(order)]:  # rotate who goes first
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     base_t = quantiles(times["base"])["median"]
     meta = {"device": device_name(), "date": now(), "versions": versions(), "threads": args.threads,
             "shape": f"llama h{args.hidden} i{args.intermediate} L{args.layers} V{args.vocab} b{args.batch}x{args.seq}",
-            "dtype": args.dtype, "rank": args.rank}
+            "dtype": args.dtype, "rank": args.rank, "clock": args.clock}
     rows = []
     for k, ts in times.items():
         q = quantiles(ts)
@@ -134,7 +136,7 @@ def run(args) -> list[dict]:
         rows.append({
             "date": meta["date"], "device": meta["device"], "torch": meta["versions"]["torch"],
             "peft": meta["versions"]["peft"], "shape": meta["shape"], "dtype": args.dtype, "threads": args.threads,
-            "method": method if provider else "base", "provider": provider or "base",
+            "clock": args.clock, "method": method if provider else "base", "provider": provider or "base",
             "step_ms": round(q["median"] * 1e3, 2), "p20_ms": round(q["p20"] * 1e3, 2), "p80_ms": round(q["p80"] * 1e3, 2),
             "ratio_vs_base": round(q["median"] / base_t, 3), "saved_act_MiB": round(mem[k] / 2**20, 1),
             "tokens_per_s": round(args.batch * args.seq / q["median"], 1),
@@ -181,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
+                    help="cpu: process CPU time (robust to other load; meaningful with --threads 1); wall: elapsed time")
     ap.add_argument("--out", default=None, help="directory for CSV/JSON/PNG (appends to the CSV)")
     args = ap.parse_args(argv)
     rows, meta = run(args)

@@ -1,6 +1,7 @@
 """`get_peft_model`, `inject_adapter_in_model` and the type -> class tables (L4)."""
 from __future__ import annotations
 
+import enum
 from typing import Optional
 
 from torch import nn
@@ -16,8 +17,9 @@ PEFT_TYPE_TO_CONFIG_MAPPING: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, 
 PEFT_TYPE_TO_TUNER_MAPPING = {"LORA": LoraModel, "IA3": IA3Model}
 
 
-def _type_key(peft_type) -> str:
-    return peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)
+def _type_key(enum_or_str) -> str:
+    """'LORA' for PeftType.LORA or 'LORA' (str() of a str-Enum is not its value on 3.11+)."""
+    return enum_or_str.value if isinstance(enum_or_str, enum.Enum) else str(enum_or_str)
 
 
 def tuner_class_for(config: PeftConfig):

@@ -264,7 +264,11 @@ class PeftModel(nn.Module):
             if cfg.base_model_name_or_path is None:
                 cfg.base_model_name_or_path = base_model_name_or_path(self.get_base_model())
             cfg.inference_mode = True
-            cfg.save_pretrained(out_dir, auto_mapping_dict=None)
+            base = self.get_base_model()
+            # PEFT records the class of task-less models so AutoPeftModel can rebuild them
+            auto_mapping = None if cfg.task_type is not None else {
+                "base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+            cfg.save_pretrained(out_dir, auto_mapping_dict=auto_mapping)
 
     # ---- misc PEFT API ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -4,6 +4,7 @@ LoRA, DoRA and (IA)^3. Where PEFT's semantics are subtle, real `peft` on identic
 and weights is the oracle."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import weakref
@@ -278,10 +279,7 @@ def test_add_set_active_adapter(method, arch):
     pm = make_peft_model(peft_fast, method, arch)
     add_second(pm, peft_fast, method, arch)
     assert set(pm.peft_config) == {"default", "other"}
-    # PEFT: a new adapter is not activated; the PeftModel's active_adapter stays a string
-    assert pm.active_adapters == ["default"]
-    assert pm.active_adapter == "default", f"active_adapter is {pm.active_adapter!r} after add_adapter"
-    assert pm.peft_config[pm.active_adapter] is pm.active_peft_config
+    assert pm.active_adapters == ["default"]  # a new adapter is not activated
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all(".default" in n for n in trainable)
     pm.set_adapter("other")
@@ -300,6 +298,20 @@ def test_add_set_active_adapter(method, arch):
     pm.set_adapter("default")
     assert pm.active_adapter == "default"
     assert not torch.allclose(out(pm, arch, inp), out(ref, arch, inp))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_active_adapter_stays_str_after_add_adapter(method):
+    """PEFT: PeftModel.active_adapter is the adapter's name (a str) and indexes peft_config."""
+    for lib in (peft, peft_fast):
+        pm = make_peft_model(lib, method, "mlp")
+        assert pm.active_adapter == "default", f"{lib.__name__}: active_adapter is {pm.active_adapter!r}"
+        add_second(pm, lib, method, "mlp")
+        assert pm.active_adapter == "default", \
+            f"{lib.__name__}: active_adapter is {pm.active_adapter!r} after add_adapter"
+        assert pm.peft_config[pm.active_adapter] is pm.active_peft_config
+        pm.set_adapter("other")
+        assert pm.active_adapter == "other"
 
 
 @combos
@@ -327,20 +339,12 @@ def test_delete_active_adapter_switches_like_peft(method, arch):
         add_second(pm, lib, method, arch)
         add_second(pm, lib, method, arch, name="third", seed=3)
         pm.set_adapter("other")
-        with pytest.warns(UserWarning) if lib is peft else _nullcontext():
+        with pytest.warns(UserWarning) if lib is peft else contextlib.nullcontext():
             pm.delete_adapter("other")
         trainable = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
         results.append((pm.active_adapter, pm.active_adapters, sorted(pm.peft_config), trainable,
                         [layer.active_adapters for layer in tuner_layers(pm)]))
     assert results[1] == results[0]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @combos
@@ -505,7 +509,7 @@ def _user_script(lib, tmp_path):
                             target_modules=["q_proj", "v_proj"])
     torch.manual_seed(1)
     model = lib.get_peft_model(base, config)
-    assert isinstance(model, lib.PeftModelForCausalLM) and isinstance(model, lib.PeftModel)
+    assert isinstance(model, lib.PeftModel)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = inputs_for("llama")["input_ids"]
@@ -541,13 +545,18 @@ def test_import_peft_fast_as_peft(tmp_path):
     assert_close(yl_f, y_f, msg="reloaded adapter output")
     assert_close(y_f, y_r, rel=1e-3, msg="trained output vs peft")
     assert isinstance(cfg_f, peft_alias.LoraConfig)
-    assert (cfg_f.r, cfg_f.lora_alpha, set(cfg_f.target_modules)) == (cfg_r.r, cfg_r.lora_alpha, set(cfg_r.target_modules))
+    def summary(c):
+        return c.r, c.lora_alpha, set(c.target_modules)
+
+    assert summary(cfg_f) == summary(cfg_r)
 
 
-@pytest.mark.parametrize("task_type", ["enum", "str"])
-def test_task_type_selects_task_model_class(task_type):
-    """TaskType.SEQ_CLS (enum, as in PEFT's docs) or "SEQ_CLS" picks PeftModelForSequenceClassification,
-    which adds the classification head to modules_to_save: same class and trainable names as peft."""
+@pytest.mark.parametrize("as_enum", [True, False], ids=["enum", "str"])
+@pytest.mark.parametrize("task", ["SEQ_CLS", "CAUSAL_LM"])
+def test_task_type_selects_task_model_class(task, as_enum):
+    """TaskType.SEQ_CLS (the enum, as in PEFT's docs) or "SEQ_CLS" picks
+    PeftModelForSequenceClassification, which adds the classification head to modules_to_save:
+    same class and trainable names as peft."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -555,13 +564,16 @@ def test_task_type_selects_task_model_class(task_type):
     results = []
     for lib in (peft, peft_fast):
         torch.manual_seed(0)
-        base = LlamaForSequenceClassification(cfg)
-        tt = lib.TaskType.SEQ_CLS if task_type == "enum" else "SEQ_CLS"
+        base = LlamaForSequenceClassification(cfg) if task == "SEQ_CLS" else tiny_llama(0)
+        tt = getattr(lib.TaskType, task) if as_enum else task
         pm = lib.get_peft_model(base, lib.LoraConfig(task_type=tt, r=4, target_modules=["q_proj", "v_proj"]))
         trainable = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
         results.append((type(pm).__name__, trainable, pm.get_nb_trainable_parameters()))
-    assert results[1][0] == results[0][0] == "PeftModelForSequenceClassification"
-    assert any("score" in n for n in results[1][1]), "classification head is not trainable"
+    expected = {"SEQ_CLS": "PeftModelForSequenceClassification", "CAUSAL_LM": "PeftModelForCausalLM"}[task]
+    assert results[0][0] == expected
+    assert results[1][0] == expected, f"get_peft_model(task_type={tt!r}) returned {results[1][0]}"
+    if task == "SEQ_CLS":
+        assert any("score" in n for n in results[1][1]), "classification head is not trainable"
     assert results[1] == results[0]
 
 
@@ -614,3 +626,50 @@ def test_generate_tiny_llama(method):
     merged = fast.merge_and_unload()
     with torch.no_grad():
         assert torch.equal(merged.generate(**kw), gen)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_adapter_batch_lora(arch):
+    """adapter_names routes each row of the batch through its own adapter (or the base)."""
+    pm = make_peft_model(peft_fast, "lora", arch)
+    add_second(pm, peft_fast, "lora", arch)
+    pm.eval()
+    inp = inputs_for(arch)
+    key = "input_ids" if arch == "llama" else "x"
+    batch = torch.cat([inp[key], inp[key][:1]], 0)  # 3 rows (llama) / 6 rows (mlp)
+    names = (["default", "__base__", "other", "default", "other", "__base__"])[: batch.shape[0]]
+    with torch.no_grad():
+        mixed = pm(**{key: batch}, adapter_names=names)
+        mixed = mixed.logits if arch == "llama" else mixed
+        expected = []
+        for i, a in enumerate(names):
+            row = {key: batch[i:i + 1]}
+            if a == "__base__":
+                with pm.disable_adapter():
+                    expected.append(out(pm, arch, row))
+            else:
+                pm.set_adapter(a)
+                expected.append(out(pm, arch, row))
+        pm.set_adapter("default")
+    assert_close(mixed, torch.cat(expected, 0), msg="mixed adapter batch")
+
+
+def test_saved_layout_with_two_adapters_matches_peft(tmp_path):
+    ref, fast = twin_models("lora", "mlp")
+    for lib, pm in ((peft, ref), (peft_fast, fast)):
+        add_second(pm, lib, "lora", "mlp")
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    layouts = []
+    for name, pm in (("ref", ref), ("fast", fast)):
+        d = tmp_path / name
+        pm.save_pretrained(str(d))
+        # peft also writes a README.md model card; the adapter files are what must match
+        layouts.append(sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "README.md"))
+    assert layouts[1] == layouts[0]
+    loaded = peft_fast.PeftModel.from_pretrained(build_base("mlp"), str(tmp_path / "fast"))
+    loaded.load_adapter(str(tmp_path / "fast" / "other"), adapter_name="other")
+    inp = inputs_for("mlp")
+    for a in ("default", "other"):
+        loaded.set_adapter(a)
+        ref.set_adapter(a)
+        assert_close(out(loaded, "mlp", inp), out(ref, "mlp", inp), msg=f"reloaded adapter {a}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import peft_fast
 from peft_fast.functional import dora_linear, ia3_linear, lora_linear
 from peft_fast.triton_kernels import dora as kdora
 from peft_fast.triton_kernels import ia3 as kia3
@@ -249,26 +250,64 @@ def test_lora_ref_fwd_bwd(dtype, ranks, fan_in_fan_out):
 
 # --------------------------------------------------------------------------------------------
 # LoRA dropout
+#
+# The masks are whatever the reference draws (its RNG scheme is an implementation detail);
+# the CPU path of lora_linear *is* lora_fwd_ref, so re-seeding and replaying lora_fwd_ref
+# yields the masks a lora_linear forward drew. Every check below is then exact math.
 # --------------------------------------------------------------------------------------------
-def test_lora_dropout_keep_rate_and_scaling():
-    p = 0.3
+def keep_scale(p: float) -> float:
+    """1 / P(keep) of the reference's dropout (p may be quantised by the mask generator)."""
+    fn = getattr(klora, "dropout_keep_scale", None)
+    return fn(p) if fn is not None else 1.0 / (1.0 - p)
+
+
+def as_float_mask(mask: torch.Tensor) -> torch.Tensor:
+    assert mask.dtype in (torch.bool, torch.uint8), mask.dtype
+    mf = mask.double()
+    assert ((mf == 0) | (mf == 1)).all(), "mask holds values other than 0 and 1"
+    return mf
+
+
+def replay_masks(seed: int, x2d: torch.Tensor, As, Bs, sc, ps) -> list:
+    torch.manual_seed(seed)
+    W = torch.zeros(Bs[0].shape[0], x2d.shape[1], dtype=x2d.dtype)
+    _, _, masks = klora.lora_fwd_ref(x2d, W, None, As, Bs, sc, ps)
+    return masks
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.75])
+def test_lora_dropout_keep_rate_and_scaling(p):
     g = _gen(10)
-    x = randn(512, K, g=g) + 3.0  # offset: no zero entries, so kept/dropped is visible in the output
-    A = torch.eye(K)[:K]  # xa = drop(x) exactly
+    x = randn(512, K, g=g) + 3.0  # offset: no zero entries
+    A = torch.eye(K)  # xa = drop(x) exactly
     B = randn(N, K, g=g)
     torch.manual_seed(0)
     _, xas, masks = klora.lora_fwd_ref(x, torch.zeros(N, K), None, [A], [B], [1.0], [p])
     mask = masks[0]
-    assert mask.dtype == torch.bool and mask.shape == x.shape
-    keep = mask.float().mean().item()
+    assert mask.shape == x.shape
+    mf = as_float_mask(mask)
+    keep = mf.mean().item()
     std = (p * (1 - p) / mask.numel()) ** 0.5
     assert abs(keep - (1 - p)) < 6 * std, f"keep rate {keep:.4f}, expected {1 - p}"
-    # kept entries scaled by 1/(1-p), dropped entries zero
-    torch.testing.assert_close(xas[0], x * mask / (1 - p), rtol=1e-6, atol=1e-6)
-    # distinct adapters draw distinct masks
+    assert abs(keep_scale(p) * (1 - p) - 1) < 1e-4, f"keep scale {keep_scale(p)} for p={p}"
+    # kept entries scaled by 1/P(keep), dropped entries exactly zero
+    torch.testing.assert_close(xas[0].double(), x.double() * mf * keep_scale(p), rtol=1e-6, atol=1e-6)
+    # masks are independent: across rows, across adapters, and across calls
     torch.manual_seed(1)
     _, _, masks2 = klora.lora_fwd_ref(x, torch.zeros(N, K), None, [A, A], [B, B], [1.0, 1.0], [p, p])
-    assert not torch.equal(masks2[0], masks2[1])
+    m0, m1 = as_float_mask(masks2[0]), as_float_mask(masks2[1])
+    assert not torch.equal(m0, m1)
+    agree = (m0 == m1).double().mean().item()
+    expected_agree = (1 - p) ** 2 + p ** 2
+    assert abs(agree - expected_agree) < 0.02, \
+        f"masks of two adapters agree on {agree:.3f} (independent: {expected_agree:.3f})"
+    assert not torch.equal(m0, mf)
+    # no structure along rows or columns (a broken bit-slicing would repeat patterns)
+    col_rate = m0.mean(0)
+    row_rate = m0.mean(1)
+    assert (col_rate - (1 - p)).abs().max() < 6 * (p * (1 - p) / m0.shape[0]) ** 0.5 + 0.02
+    assert (row_rate - (1 - p)).abs().max() < 6 * (p * (1 - p) / m0.shape[1]) ** 0.5 + 0.02
+    assert not torch.equal(m0[0], m0[1]) and not torch.equal(m0[:, 0], m0[:, 1])
 
 
 def test_lora_dropout_mean_output_matches_no_dropout():
@@ -293,27 +332,27 @@ def test_lora_dropout_mean_output_matches_no_dropout():
 @pytest.mark.parametrize("layout", ["contig", "3d_noncontig"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lora_dropout_backward_uses_forward_mask(layout, dtype):
-    """Replay the RNG: torch.native_dropout with the same seed gives the masks the forward drew;
-    every output and gradient must match the formula evaluated with exactly those masks."""
+    """Every output and gradient of lora_linear matches the formula evaluated with exactly the
+    masks its forward drew (replayed from the seed), although the RNG advanced in between."""
     ps = [0.3, 0.0, 0.6]
     ranks = (4, 1, 9)
     x, W, b, As, Bs, sc, dy = make_lora_inputs(12, ranks, layout=layout)
     lv = lora_leaves(x, W, b, As, Bs, dtype, train_base=True)
     torch.manual_seed(1234)
     y = lora_linear(lv["x"], lv["W"], lv["b"], lv["As"], lv["Bs"], sc, ps)
-    # anything drawing random numbers between forward and backward must not matter
-    torch.rand(1000)
+    torch.rand(1000)  # random numbers drawn between forward and backward must not matter
     y.backward(dy.to(dtype))
 
-    torch.manual_seed(1234)
     x2 = lv["x"].detach().reshape(-1, K)
-    masks = []
-    for p in ps:
-        masks.append(torch.native_dropout(x2, p, True)[1].reshape(x.shape) if p > 0 else None)
-    assert masks[0] is not None and not masks[0].all() and masks[0].any()
+    masks2d = replay_masks(1234, x2, [t.detach() for t in lv["As"]], [t.detach() for t in lv["Bs"]], sc, ps)
+    masks = [None if m is None else as_float_mask(m).reshape(x.shape) for m in masks2d]
+    assert masks[1] is None and masks[0] is not None and masks[2] is not None
+    assert 0 < masks[0].mean() < 1 and 0 < masks[2].mean() < 1
+    scales = [keep_scale(p) if p > 0 else 1.0 for p in ps]
+    ps_eff = [1 - 1 / s for s in scales]  # the p the scale corresponds to
 
     def plain(x, W, b, As, Bs):
-        return lora_formula(x, W, b, As, Bs, sc, masks=masks, ps=ps)
+        return lora_formula(x, W, b, As, Bs, sc, masks=masks, ps=ps_eff)
 
     yp, gp = run_autograd(plain, lora_leaves(x, W, b, As, Bs, dtype, True), dy)
     yr, gr = run_autograd(plain, lora_leaves(x, W, b, As, Bs, torch.float64, True), dy)
@@ -324,16 +363,17 @@ def test_lora_dropout_backward_uses_forward_mask(layout, dtype):
     for k in gr:
         check(got[k], gp[k], gr[k], dtype, f"d{k}")
 
-    # manual dA with the saved mask: dA = s * (dy B)^T (x * mask / (1 - p))
+    # manual dA with the saved mask: dA = s * (dy B)^T (x * mask / P(keep))
     x64, dy64 = x.double().reshape(-1, K), dy.double().reshape(-1, N)
-    m0 = masks[0].reshape(-1, K).double()
-    dA_manual = sc[0] * (dy64 @ Bs[0].double()).t() @ (x64 * m0 / (1 - ps[0]))
+    m0 = masks[0].reshape(-1, K)
+    dA_manual = sc[0] * (dy64 @ Bs[0].double()).t() @ (x64 * m0 * scales[0])
     tol = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(lv["As"][0].grad.double(), dA_manual, rtol=tol, atol=tol * dA_manual.abs().max().item())
+    scale = dA_manual.abs().max().item()
+    torch.testing.assert_close(lv["As"][0].grad.double(), dA_manual, rtol=tol, atol=tol * scale)
     # a fresh mask would give a different dA: the comparison is discriminating
-    other = torch.native_dropout(x2, ps[0], True)[1].double()
-    dA_other = sc[0] * (dy64 @ Bs[0].double()).t() @ (x64 * other / (1 - ps[0]))
-    assert (dA_other - dA_manual).abs().max() > 10 * tol * dA_manual.abs().max()
+    other = replay_masks(99, x2, [t.detach() for t in lv["As"]], [t.detach() for t in lv["Bs"]], sc, ps)[0]
+    dA_other = sc[0] * (dy64 @ Bs[0].double()).t() @ (x64 * as_float_mask(other).reshape(-1, K) * scales[0])
+    assert (dA_other - dA_manual).abs().max() > 10 * tol * scale
 
 
 def test_lora_ref_dropout_bwd_uses_given_mask():
@@ -342,15 +382,105 @@ def test_lora_ref_dropout_bwd_uses_given_mask():
     torch.manual_seed(7)
     y, xas, masks = klora.lora_fwd_ref(x, W, b, As, Bs, sc, [p])
     dx, dAs, dBs = klora.lora_bwd_ref(dy, x, W, As, Bs, sc, [p], xas, masks)
-    xd = x.double() * masks[0].double() / (1 - p)
+    mf = as_float_mask(masks[0])
+    xd = x.double() * mf * keep_scale(p)
     g = sc[0] * dy.double() @ Bs[0].double()
-    torch.testing.assert_close(dAs[0].double(), g.t() @ xd, rtol=1e-5, atol=1e-5 * (g.t() @ xd).abs().max().item())
-    torch.testing.assert_close(dBs[0].double(), sc[0] * dy.double().t() @ (xd @ As[0].double().t()), rtol=1e-5, atol=1e-5 * (sc[0] * dy.double().t() @ (xd @ As[0].double().t())).abs().max().item())
-    dx_ref = dy.double() @ W.double() + (g @ As[0].double()) * masks[0].double() / (1 - p)
-    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-5 * (dx_ref).abs().max().item())
-    y_ref = x.double() @ W.double().t() + b.double() + sc[0] * (xd @ As[0].double().t()) @ Bs[0].double().t()
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5 * (y_ref).abs().max().item())
 
+    def close(got, ref):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+    close(dAs[0], g.t() @ xd)
+    close(dBs[0], sc[0] * dy.double().t() @ (xd @ As[0].double().t()))
+    close(dx, dy.double() @ W.double() + (g @ As[0].double()) * mf * keep_scale(p))
+    close(y, x.double() @ W.double().t() + b.double() + sc[0] * (xd @ As[0].double().t()) @ Bs[0].double().t())
+    close(xas[0], xd @ As[0].double().t())
+
+
+# --------------------------------------------------------------------------------------------
+# Reused scratch memory: results never alias it, and nothing reads it before writing
+# --------------------------------------------------------------------------------------------
+def _poison_scratch() -> int:
+    """Fill every cached scratch buffer of this thread with NaN; returns how many there were."""
+    try:
+        from peft_fast.triton_kernels import _workspace
+    except ImportError:
+        return 0
+    cache = getattr(_workspace._local, "cache", None) or {}
+    for buf in cache.values():
+        if buf.dtype.is_floating_point:
+            buf.fill_(float("nan"))
+        else:
+            buf.fill_(0x5A)
+    return len(cache)
+
+
+def _lora_case(seed):
+    x, W, b, As, Bs, sc, dy = make_lora_inputs(seed, (3, 8))
+    return x, W, b, As, Bs, sc, dy, [0.3, 0.5]
+
+
+def _run_all_refs(seed):
+    """Forward + backward of every reference with dropout on; returns every result tensor."""
+    x, W, b, As, Bs, sc, dy, ps = _lora_case(seed)
+    torch.manual_seed(seed)
+    y, xas, masks = klora.lora_fwd_ref(x, W, b, As, Bs, sc, ps)
+    dx, dAs, dBs = klora.lora_bwd_ref(dy, x, W, As, Bs, sc, ps, xas, masks)
+    m = (1 + 0.3 * torch.randn(N, generator=_gen(seed))) * torch.linalg.norm(W, dim=1)
+    n = torch.linalg.norm(W + sc[0] * Bs[0] @ As[0], dim=1)
+    yd, xad, ypre = kdora.dora_fwd_ref(x, W, b, As[0], Bs[0], sc[0], m, n)
+    ddx, ddA, ddB, ddm = kdora.dora_bwd_ref(dy, x, W, As[0], Bs[0], sc[0], m, n, xad, ypre)
+    outs = [y, *xas, *[mk.clone() for mk in masks], dx, *dAs, *dBs, yd, xad, ypre, ddx, ddA, ddB, ddm]
+    for ff in (False, True):
+        l = 1 + 0.3 * torch.randn(K if ff else N, generator=_gen(seed + 1))
+        yi, base = kia3.ia3_fwd_ref(x, W, b, l, ff)
+        dxi, dl = kia3.ia3_bwd_ref(dy, x, W, l, ff, base)
+        outs += [yi, dxi, dl] + ([base] if base is not None else [])
+    return outs, [mk for mk in masks]
+
+
+def test_results_do_not_alias_scratch_and_scratch_is_written_before_read():
+    first, first_masks = _run_all_refs(1)
+    snapshot = [t.clone() for t in first]
+    _poison_scratch()
+    second, _ = _run_all_refs(2)  # same shapes: same scratch buffers reused
+    # results of the first call are untouched by the second (no result lives in scratch)
+    for i, (a, b) in enumerate(zip(first, snapshot)):
+        assert torch.equal(a, b), f"result #{i} of the first call changed when the op ran again"
+    for mk, snap in zip(first_masks, snapshot[3:5]):
+        assert torch.equal(mk, snap), "a returned dropout mask was overwritten by a later call"
+    # nothing read the NaN-poisoned scratch before writing it
+    for i, t in enumerate(second):
+        if t.dtype.is_floating_point:
+            assert torch.isfinite(t).all(), f"result #{i} reads uninitialised scratch memory"
+    # and the poisoned run computes the same numbers as a clean run with the same seed
+    _poison_scratch()
+    third, _ = _run_all_refs(2)
+    for i, (a, b) in enumerate(zip(second, third)):
+        assert torch.equal(a, b), f"result #{i} depends on scratch contents"
+
+
+def test_lora_linear_backward_survives_interleaved_calls():
+    """Two autograd graphs alive at once, each backward run after the other forward: saved
+    tensors must not live in shared scratch memory."""
+    x, W, b, As, Bs, sc, dy = make_lora_inputs(14, (5,))
+    ps = [0.35]
+    leaves1 = [leaf(t, torch.float32) for t in (x, As[0], Bs[0])]
+    leaves2 = [leaf(t, torch.float32) for t in (x * 2 + 1, As[0], Bs[0])]
+    torch.manual_seed(21)
+    y1 = lora_linear(leaves1[0], W, b, [leaves1[1]], [leaves1[2]], sc, ps)
+    torch.manual_seed(22)
+    y2 = lora_linear(leaves2[0], W, b, [leaves2[1]], [leaves2[2]], sc, ps)
+    y2.backward(dy * 3)
+    y1.backward(dy)
+    for seed, lv, ddy in ((21, leaves1, dy), (22, leaves2, dy * 3)):
+        xx = lv[0].detach()
+        mf = as_float_mask(replay_masks(seed, xx, [As[0]], [Bs[0]], sc, ps)[0])
+        xd = xx.double() * mf * keep_scale(ps[0])
+        g = sc[0] * ddy.double() @ Bs[0].double()
+        ref_dA = g.t() @ xd
+        torch.testing.assert_close(lv[1].grad.double(), ref_dA, rtol=1e-5, atol=1e-5 * ref_dA.abs().max().item())
+        ref_dx = ddy.double() @ W.double() + (g @ As[0].double()) * mf * keep_scale(ps[0])
+        torch.testing.assert_close(lv[0].grad.double(), ref_dx, rtol=1e-5, atol=1e-5 * ref_dx.abs().max().item())
 
 # --------------------------------------------------------------------------------------------
 # DoRA
@@ -646,3 +776,68 @@ def test_ia3_inference_path_matches_training_path():
             y_inf = ia3_linear(x, W, b, l, is_ff)
         y_tr = ia3_linear(x, W, b, l.clone().requires_grad_(), is_ff)
         torch.testing.assert_close(y_inf, y_tr.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.999995])
+def test_lora_dropout_extreme_p(p):
+    """Any lora_dropout that LoraConfig accepts ([0, 1)) must run: finite output, keep rate ~ 1-p."""
+    assert peft_fast.LoraConfig(lora_dropout=p).lora_dropout == p
+    x, W, b, As, Bs, sc, dy = make_lora_inputs(15, (3,))
+    A = leaf(As[0], torch.float32)
+    torch.manual_seed(0)
+    y = lora_linear(x, W, b, [A], [Bs[0]], sc, [p])
+    y.backward(dy)
+    assert torch.isfinite(y).all() and torch.isfinite(A.grad).all()
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_base_fp32_adapter_layer_vs_peft_and_fp64(use_dora, dtype):
+    """Half-precision base layer with fp32 adapters (PEFT's autocast_adapter_dtype): the layer's
+    error vs an fp64 evaluation is within 2x of PEFT's own error (+ atol)."""
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(K, N)).to(dtype)
+    kw = dict(r=8, lora_alpha=16, target_modules=["0"], use_dora=use_dora, init_lora_weights=False)
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    fast = peft_fast.get_peft_model(copy.deepcopy(base), peft_fast.LoraConfig(**kw))
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    assert fast.base_model.model[0].lora_A["default"].weight.dtype == torch.float32
+    g = _gen(16)
+    x = randn(3, 13, K, g=g).to(dtype)
+    dy = randn(3, 13, N, g=g).to(dtype)
+    L = ref.base_model.model[0]
+    W, b = L.base_layer.weight.detach().double(), L.base_layer.bias.detach().double()
+    A, B = L.lora_A["default"].weight.detach().double(), L.lora_B["default"].weight.detach().double()
+    s = L.scaling["default"]
+    A64, B64 = A.clone().requires_grad_(), B.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
+    ypre = x64 @ W.t() + s * (x64 @ A64.t()) @ B64.t()
+    if use_dora:
+        m64 = L.lora_magnitude_vector["default"].weight.detach().double().requires_grad_()
+        n = torch.linalg.norm(W + s * B @ A, dim=1)
+        y64 = (m64 / n) * ypre + b
+    else:
+        y64 = ypre + b
+    y64.backward(dy.double())
+    results = []
+    for pm in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = pm(xi)
+        y.backward(dy)
+        lay = pm.base_model.model[0]
+        grads = {"x": xi.grad, "A": lay.lora_A["default"].weight.grad, "B": lay.lora_B["default"].weight.grad}
+        if use_dora:
+            grads["m"] = lay.lora_magnitude_vector["default"].weight.grad
+        results.append((y, grads))
+    (y_r, g_r), (y_f, g_f) = results
+    assert y_f.dtype == y_r.dtype == dtype
+    check(y_f, y_r, y64, dtype, "y")
+    ref64 = {"x": x64.grad, "A": A64.grad, "B": B64.grad}
+    if use_dora:
+        ref64["m"] = m64.grad
+    for k, r64 in ref64.items():
+        assert g_f[k].dtype == g_r[k].dtype
+        check(g_f[k], g_r[k], r64, dtype, f"d{k}")

@@ -27,9 +27,14 @@ def _w(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
 _LEVELS = 65536  # dropout draws 16-bit uniforms: p is quantised to 1/65536
 
 
+def _drop_levels(p: float) -> int:
+    # at least one level is kept, so p close to 1 keeps 1/65536 rather than dividing by zero
+    return min(round(p * _LEVELS), _LEVELS - 1)
+
+
 def dropout_keep_scale(p: float) -> float:
     """1 / keep-probability of `dropout_mask_ref` (exact for the quantised p, so E[out] = x)."""
-    return _LEVELS / (_LEVELS - round(p * _LEVELS))
+    return _LEVELS / (_LEVELS - _drop_levels(p))
 
 
 def dropout_mask_ref(shape, p: float, device) -> tuple[Tensor, float]:
@@ -42,7 +47,7 @@ def dropout_mask_ref(shape, p: float, device) -> tuple[Tensor, float]:
     words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device)
     lanes = words.view(torch.int16)[:numel]
     # bool and uint8 share a layout; uint8 converts to float ~6x faster than bool does
-    mask = (lanes >= round(p * _LEVELS) - _LEVELS // 2).view(torch.uint8).view(shape)
+    mask = (lanes >= _drop_levels(p) - _LEVELS // 2).view(torch.uint8).view(shape)
     return mask, dropout_keep_scale(p)
 
 

@@ -313,7 +313,7 @@ class BaseTuner(nn.Module):
                 f"model. Please check the target modules and try again."
             )
         self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
-        self.set_adapter(self.active_adapters)
+        self.set_adapter(self.active_adapter)
         self._mark_only_adapters_as_trainable(model)
         if peft_config.inference_mode:
             for n, p in model.named_parameters():

@@ -176,13 +176,72 @@ class LoraLayer(BaseTunerLayer):
             result[idx] += out.to(out_dtype)
         return result
 
-    def _dora_factor(self, adapter: str, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m / ||W + delta||, norm) per output channel, shaped [N] (Linear) for merging."""
-        w = transpose(weight, getattr(self, "fan_in_fan_out", False)).float()
-        d = transpose(delta, getattr(self, "fan_in_fan_out", False)).float()
-        full = w + d
-        norm = full.flatten(1).norm(dim=1).to(weight.dtype)
-        return self.lora_magnitude_vector[adapter].weight.reshape(-1) / norm, norm
+    # ---- merging (Linear, Conv): W <- W + dW, or for DoRA W <- (m / ||W0 + dW||) (W + dW) ----------
+    def _factor_view(self, factor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """||W + dW|| per output channel, [N], of an unmerged weight."""
+        fif = getattr(self, "fan_in_fan_out", False)
+        full = transpose(weight, fif).float() + transpose(delta, fif).float()
+        return full.flatten(1).norm(dim=1).to(weight.dtype)
+
+    def _undo(self, adapter: str, w: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """w with one merged adapter taken out again."""
+        delta = self.get_delta_weight(adapter)
+        if adapter not in self.lora_magnitude_vector:
+            return w - delta.to(w.dtype)
+        norm = self._caches[f"{adapter}-weight_norm"] if norm is None else norm
+        factor = self._factor_view(self.lora_magnitude_vector[adapter].weight.reshape(-1) / norm)
+        return (w / factor - delta).to(w.dtype)
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight as it was before any merge (the norm DoRA's forward uses)."""
+        w = self.get_base_layer().weight.data.clone()
+        for adapter in reversed(self.merged_adapters):
+            if adapter in self.lora_A:
+                w = self._undo(adapter, w)
+        return w
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.lora_A:
+                continue
+            base = self.get_base_layer()
+            w = base.weight.data
+            delta = self.get_delta_weight(adapter)
+            if adapter in self.lora_magnitude_vector:
+                norm = self._dora_norm(self._unmerged_base_weight() if self.merged else w, delta)
+                self._caches[f"{adapter}-weight_norm"] = norm
+                factor = self._factor_view(self.lora_magnitude_vector[adapter].weight.reshape(-1) / norm)
+                new_w = (factor * (w + delta)).to(w.dtype)
+            else:
+                new_w = w + delta.to(w.dtype)
+            new_b = None
+            if self.lora_bias[adapter]:
+                if getattr(base, "bias", None) is None:
+                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+                new_b = base.bias.data + self.lora_B[adapter].bias.data * self.scaling[adapter]
+            if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base.weight.data = new_w
+            if new_b is not None:
+                base.bias.data = new_b.to(base.bias.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.lora_A:
+                continue
+            w = self.get_base_layer().weight
+            norm = self._caches.pop(f"{adapter}-weight_norm", None)
+            w.data = self._undo(adapter, w.data, norm)
+            if self.lora_bias[adapter]:
+                self.get_base_layer().bias.data -= self.lora_B[adapter].bias.data * self.scaling[adapter]
 
 
 class Linear(nn.Module, LoraLayer):
@@ -234,52 +293,8 @@ class Linear(nn.Module, LoraLayer):
         out = transpose(B @ A, self.fan_in_fan_out) * self.scaling[adapter]
         return out.to(dtype) if cast else out
 
-    def _merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self.get_delta_weight(adapter)
-        if adapter not in self.lora_magnitude_vector:
-            return weight + delta.to(weight.dtype)
-        factor, norm = self._dora_factor(adapter, delta, weight)
-        self._caches[f"{adapter}-weight_norm"] = norm
-        factor = transpose(factor.view(-1, 1), self.fan_in_fan_out)
-        return (factor * (weight + delta)).to(weight.dtype)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.lora_A:
-                continue
-            base = self.get_base_layer()
-            new_w = self._merged_weight(adapter, base.weight.data)
-            new_b = None
-            if self.lora_bias[adapter]:
-                if getattr(base, "bias", None) is None:
-                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-                new_b = base.bias.data + self.lora_B[adapter].bias.data * self.scaling[adapter]
-            if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.weight.data = new_w
-            if new_b is not None:
-                base.bias.data = new_b.to(base.bias.dtype)
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self.lora_A:
-                continue
-            w = self.get_base_layer().weight
-            delta = self.get_delta_weight(adapter)
-            if adapter in self.lora_magnitude_vector:
-                norm = self._caches.pop(f"{adapter}-weight_norm")
-                factor = self.lora_magnitude_vector[adapter].weight / norm
-                factor = transpose(factor.view(-1, 1), self.fan_in_fan_out)
-                w.data = (w.data / factor - delta).to(w.dtype)
-            else:
-                w.data -= delta.to(w.dtype)
-            if self.lora_bias[adapter]:
-                self.get_base_layer().bias.data -= self.lora_B[adapter].bias.data * self.scaling[adapter]
+    def _factor_view(self, factor: torch.Tensor) -> torch.Tensor:
+        return transpose(factor.view(-1, 1), self.fan_in_fan_out)
 
     # -- forward -------------------------------------------------------------------------------
     def _fusable(self, x: torch.Tensor, args, kwargs) -> bool:
@@ -486,52 +501,8 @@ class _ConvNd(nn.Module, LoraLayer):
             out = out * self.scaling[adapter] if base.groups > 1 else out.transpose(0, 1) * self.scaling[adapter]
         return out.to(dtype) if cast else out
 
-    def _factor_view(self):
-        return (-1,) + (1,) * (self._kernel_dim - 1)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.lora_A:
-                continue
-            base = self.get_base_layer()
-            delta = self.get_delta_weight(adapter)
-            w = base.weight.data
-            if adapter in self.lora_magnitude_vector:
-                factor, norm = self._dora_factor(adapter, delta, w)
-                self._caches[f"{adapter}-weight_norm"] = norm
-                new_w = (factor.view(*self._factor_view()) * (w + delta)).to(w.dtype)
-            else:
-                new_w = w + delta.to(w.dtype)
-            new_b = None
-            if self.lora_bias[adapter]:
-                if base.bias is None:
-                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-                new_b = base.bias.data + self.lora_B[adapter].bias.data * self.scaling[adapter]
-            if safe_merge and not torch.isfinite(new_w).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.weight.data = new_w
-            if new_b is not None:
-                base.bias.data = new_b
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self.lora_A:
-                continue
-            w = self.get_base_layer().weight
-            delta = self.get_delta_weight(adapter)
-            if adapter in self.lora_magnitude_vector:
-                norm = self._caches.pop(f"{adapter}-weight_norm")
-                factor = (self.lora_magnitude_vector[adapter].weight.reshape(-1) / norm).view(*self._factor_view())
-                w.data = (w.data / factor - delta).to(w.dtype)
-            else:
-                w.data -= delta.to(w.dtype)
-            if self.lora_bias[adapter]:
-                self.get_base_layer().bias.data -= self.lora_B[adapter].bias.data * self.scaling[adapter]
+    def _factor_view(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor.reshape((-1,) + (1,) * (self._kernel_dim - 1))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
