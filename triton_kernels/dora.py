@@ -28,7 +28,8 @@ def dora_weight_norm_ref(
     fan_in_fan_out: bool = False,
     weight_sqnorm: Optional[Tensor] = None,  # [N] cached ||W||^2_row, fp32
 ) -> Tensor:
-    """||W + s B A|| per output row, [N], computed in fp32 and returned in W's dtype."""
+    """||W + s B A|| per output row, [N], computed and returned in fp32 (it divides the
+    magnitude, so rounding it to a 16-bit base dtype would cost accuracy)."""
     w = weight.t() if fan_in_fan_out else weight
     A = lora_A.detach().float()
     B = lora_B.detach().float()
@@ -37,7 +38,7 @@ def dora_weight_norm_ref(
     wa = w.float() @ A.t() if w.dtype != torch.float32 else w @ A.t()  # [N, r]
     bta = B @ (A @ A.t())  # [N, r]
     sq = weight_sqnorm + (2.0 * scaling) * (wa * B).sum(1) + (scaling * scaling) * (bta * B).sum(1)
-    return sq.clamp_min_(0.0).sqrt_().to(weight.dtype)
+    return sq.clamp_min_(0.0).sqrt_()
 
 
 def dora_fwd_ref(
@@ -62,7 +63,12 @@ def dora_fwd_ref(
         ypre.addmm_(xa, lora_B.t(), alpha=scaling)
     else:
         ypre.add_((xa @ lora_B.t()).to(ypre.dtype), alpha=scaling)
-    c = (magnitude / weight_norm).to(ypre.dtype)
+    c = magnitude.float() / weight_norm.float()
+    if c.dtype != ypre.dtype:  # 16-bit base: scale in fp32, round once (as PEFT's fp32 adapter path)
+        y = ypre.float().mul_(c)
+        if bias is not None:
+            y.add_(bias)
+        return y.to(ypre.dtype), xa, (ypre if keep_pre else None)
     if keep_pre:
         y = torch.addcmul(bias, ypre, c) if bias is not None else ypre * c
     else:
