@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 -q --timeout=900 tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_cpu_train_step.py --out benchmarks/results
+	$(PY) benchmarks/bench_cpu_train_step.py --steps 6 --warmup 1 --out bench_out
 
 clean:
 	rm -rf $(VENV) build *.egg-info

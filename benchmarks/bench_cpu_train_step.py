@@ -2,7 +2,7 @@
 
 One process, providers interleaved step by step after a warm-up, so machine noise hits all
 of them alike. Default workload (issue #2): a Llama-shaped model built from a config
-(hidden 512, 4 layers), batch 4 x seq 256, fp32, one CPU thread, r=16 on all linear layers;
+(hidden 512, intermediate 1376, 4 layers, vocab 4096), batch 4 x seq 256, fp32, one CPU thread, r=16 on all linear layers;
 LoRA with lora_dropout 0.05, DoRA with 0; IA3 on k_proj, v_proj, down_proj.
 
 Reported per method: median step time (p20/p80), the ratio to the frozen base model's
@@ -175,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--intermediate", type=int, default=1376)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)

@@ -213,6 +213,25 @@ class BaseTunerLayer:
             else:
                 d[adapter_name] = target.to(device, dtype=dtype) if floating else target.to(device)
 
+    def _write_merged(self, adapter: str, new_w: torch.Tensor, new_b: Optional[torch.Tensor] = None,
+                      safe_merge: bool = False) -> None:
+        """Store merged base weights (checked first under safe_merge) and record the merge."""
+        if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        base = self.get_base_layer()
+        base.weight.data = new_w.to(base.weight.dtype)
+        if new_b is not None:
+            base.bias.data = new_b.to(base.bias.dtype)
+        self.merged_adapters.append(adapter)
+
+    def _pop_merged(self):
+        """Yield the merged adapters, last merged first, removing them from the record."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            yield self.merged_adapters.pop()
+
     def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if x is None or not getattr(self, "cast_input_dtype_enabled", True) or x.dtype == dtype:
             return x

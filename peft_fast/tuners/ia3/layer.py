@@ -1,7 +1,6 @@
 """(IA)^3 adapter layers with PEFT's structure (`base_layer`, `ia3_l`) (L3)."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -72,19 +71,10 @@ class Linear(nn.Module, IA3Layer):
             new_b = None
             if not self.is_feedforward and base.bias is not None:
                 new_b = torch.mul(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape))
-            if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {a} seems to be broken")
-            base.weight.data = new_w
-            if new_b is not None:
-                base.bias.data = new_b.to(base.bias.dtype)
-            self.merged_adapters.append(a)
+            self._write_merged(a, new_w, new_b, safe_merge)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            a = self.merged_adapters.pop()
+        for a in self._pop_merged():
             if a not in self.ia3_l:
                 continue
             base = self.get_base_layer()
@@ -151,19 +141,13 @@ class Conv2d(nn.Module, IA3Layer):
             l = self.ia3_l[a].data
             l = l.transpose(0, 1) if not self.is_feedforward else l
             new_w = torch.mul(base.weight.data, l)
-            if safe_merge and not torch.isfinite(new_w).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {a} seems to be broken")
-            base.weight.data = new_w
+            new_b = None
             if not self.is_feedforward and base.bias is not None:
-                base.bias.data = torch.mul(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape))
-            self.merged_adapters.append(a)
+                new_b = torch.mul(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape))
+            self._write_merged(a, new_w, new_b, safe_merge)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            a = self.merged_adapters.pop()
+        for a in self._pop_merged():
             if a not in self.ia3_l:
                 continue
             base = self.get_base_layer()

@@ -222,19 +222,10 @@ class LoraLayer(BaseTunerLayer):
                 if getattr(base, "bias", None) is None:
                     raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
                 new_b = base.bias.data + self.lora_B[adapter].bias.data * self.scaling[adapter]
-            if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.weight.data = new_w
-            if new_b is not None:
-                base.bias.data = new_b.to(base.bias.dtype)
-            self.merged_adapters.append(adapter)
+            self._write_merged(adapter, new_w, new_b, safe_merge)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
+        for adapter in self._pop_merged():
             if adapter not in self.lora_A:
                 continue
             w = self.get_base_layer().weight
@@ -400,17 +391,10 @@ class Embedding(nn.Module, LoraLayer):
                 continue
             base = self.get_base_layer()
             new_w = base.weight.data + self.get_delta_weight(adapter).to(base.weight.dtype)
-            if safe_merge and not torch.isfinite(new_w).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.weight.data = new_w
-            self.merged_adapters.append(adapter)
+            self._write_merged(adapter, new_w, None, safe_merge)
 
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
+        for adapter in self._pop_merged():
             if adapter in self.lora_embedding_A:
                 w = self.get_base_layer().weight
                 w.data -= self.get_delta_weight(adapter).to(w.dtype)
