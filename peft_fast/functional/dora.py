@@ -21,7 +21,6 @@ from ._common import base_param_grads
 class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, fan_in_fan_out):
-        need_grad = torch.is_grad_enabled() and any(ctx.needs_input_grad[:6])
         y, xa, ypre = ops.dora_fwd(
             x, weight, bias, lora_A, lora_B, scaling, magnitude, weight_norm, fan_in_fan_out, keep_pre=True
         )
