@@ -43,11 +43,7 @@ def _cast_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
     for module in model.modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        for layer_name in module.adapter_layer_names:
-            d = getattr(module, layer_name, None)
-            if d is None or adapter_name not in d:
-                continue
-            item = d[adapter_name]
+        for _, item in module.adapter_items(adapter_name):
             params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
             for p in params:
                 if p.dtype in (torch.float16, torch.bfloat16):

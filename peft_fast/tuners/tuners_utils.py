@@ -148,6 +148,13 @@ class BaseTunerLayer:
             if isinstance(d, (dict, nn.ModuleDict, nn.ParameterDict)):
                 yield name, d
 
+    def adapter_items(self, adapter_name: str):
+        """(layer_name, module or Parameter) of one adapter on this layer, e.g. ('lora_A', Linear)."""
+        for layer_name in self.adapter_layer_names:
+            d = getattr(self, layer_name, None)
+            if d is not None and adapter_name in d:
+                yield layer_name, d[adapter_name]
+
     def _all_available_adapter_names(self) -> list[str]:
         names = []
         for _, d in self._adapter_dicts():

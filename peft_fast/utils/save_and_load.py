@@ -44,11 +44,7 @@ def _adapter_model_keys(model: nn.Module, adapter_name: str) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        for layer_name in module.adapter_layer_names:
-            d = getattr(module, layer_name, None)
-            if d is None or adapter_name not in d:
-                continue
-            item = d[adapter_name]
+        for layer_name, item in module.adapter_items(adapter_name):
             prefix = f"{name}.{layer_name}.{adapter_name}" if name else f"{layer_name}.{adapter_name}"
             if isinstance(item, torch.Tensor):
                 keys.append(prefix)
