@@ -112,3 +112,86 @@ def dora_bwd_ref(
         else:
             dx.add_((g @ lora_A).to(dx.dtype))
     return dx, dA, dB, dm
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: the factored row norm in one pass over W (read in its own dtype, fp32 accumulation,
+# no fp32 copy of W): acc_wa = W A^T and ||W||^2 per row, then the two row dots in the epilogue.
+# ----------------------------------------------------------------------------------------------
+from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton  # noqa: E402
+
+
+def get_dora_norm_configs():
+    if interpreting():
+        return [triton.Config({"BN": 16, "BK": 32}, num_warps=4)]
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
+            for bn, bk, w in ((32, 128, 4), (64, 64, 4), (64, 128, 8), (16, 256, 4))]
+
+
+if HAS_TRITON:
+
+    @triton.autotune(configs=get_dora_norm_configs(), key=["N", "K", "BR"])
+    @triton.jit
+    def _dora_norm_kernel(
+        # pointers: W [N, K] (strided), A [r, K], B [N, r], BAA = B (A A^T) [N, r] fp32, sqnorm [N] fp32, out [N]
+        w_ptr, a_ptr, b_ptr, baa_ptr, sq_ptr, out_ptr,
+        # sizes
+        N, K, R,
+        # strides
+        swn, swk, sar, sak, sbn, sbr, scn, scr,
+        scaling,
+        # meta
+        HAS_SQ: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        n_ok, r_ok = rn < N, rr < R
+        acc_wa = tl.zeros((BN, BR), dtype=tl.float32)
+        acc_sq = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            wt = tl.load(w_ptr + rn[:, None] * swn + rk[None, :] * swk, mask=n_ok[:, None] & (rk[None, :] < K),
+                         other=0.0).to(tl.float32)
+            at = tl.load(a_ptr + rk[:, None] * sak + rr[None, :] * sar, mask=(rk[:, None] < K) & r_ok[None, :],
+                         other=0.0).to(tl.float32)
+            acc_wa = tl.dot(wt, at, acc=acc_wa, input_precision="ieee")
+            if not HAS_SQ:
+                acc_sq += tl.sum(wt * wt, axis=1)
+        if HAS_SQ:
+            acc_sq = tl.load(sq_ptr + rn, mask=n_ok, other=0.0)
+        bt = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :] * sbr, mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        ct = tl.load(baa_ptr + rn[:, None] * scn + rr[None, :] * scr, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        sq = acc_sq + 2.0 * scaling * tl.sum(acc_wa * bt, axis=1) + scaling * scaling * tl.sum(ct * bt, axis=1)
+        tl.store(out_ptr + rn, tl.sqrt(tl.maximum(sq, 0.0)), mask=n_ok)
+
+
+def dora_weight_norm(
+    weight: Tensor,  # [N, K] ([K, N] if fan_in_fan_out)
+    lora_A: Tensor,  # [r, K]
+    lora_B: Tensor,  # [N, r]
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    weight_sqnorm: Optional[Tensor] = None,  # [N] fp32
+) -> Tensor:
+    """Triton launcher with the signature of `dora_weight_norm_ref` (fp32 [N])."""
+    if not HAS_TRITON:
+        raise RuntimeError("dora_weight_norm needs triton; install it or set PEFT_FAST_BACKEND=torch")
+    w = weight.t() if fan_in_fan_out else weight
+    N, K = w.shape
+    A = lora_A.detach()
+    B = lora_B.detach()
+    R = A.shape[0]
+    if A.shape[1] != K or B.shape != (N, R):
+        raise ValueError(f"dora_weight_norm: W {tuple(w.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} do not fit")
+    if R > 256:
+        return dora_weight_norm_ref(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sqnorm)
+    Af = A.float()
+    baa = B.float() @ (Af @ Af.t())  # [N, r], tiny
+    out = torch.empty((N,), dtype=torch.float32, device=w.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _dora_norm_kernel[grid](
+        w, A, B, baa, weight_sqnorm if weight_sqnorm is not None else out, out, N, K, R,
+        w.stride(0), w.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), baa.stride(0), baa.stride(1),
+        float(scaling), HAS_SQ=weight_sqnorm is not None, BR=next_pow2(R),
+    )
+    return out

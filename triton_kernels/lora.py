@@ -128,3 +128,181 @@ def lora_bwd_ref(
                 dx.addcmul_(ga, mf) if ga.dtype == dx.dtype else dx.add_((ga * mf).to(dx.dtype))
             dAs.append(g.t() @ mf.mul_(xl))  # mf now holds x * mask
     return dx, dAs, dBs
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path: dropout masks regenerated from a seed (Philox, see _triton.py), never stored.
+#   shrink:  xa = (keep(x) x) A^T / (1 - p)                 [M, r]
+#   grad_A:  dA = c * g^T (keep(x) x)                         [r, K]
+# The base product and the expand live in fused_linear.py.
+# ----------------------------------------------------------------------------------------------
+from ._triton import HAS_TRITON, interpreting, keep_mask, keep_scale, keep_threshold, next_pow2  # noqa: E402
+from ._triton import philox_keep_mask_ref, tl, triton  # noqa: E402
+
+
+def lora_shrink_ref(
+    x: Tensor,  # [M, K]
+    lora_A: Tensor,  # [r, K]
+    seed: Tensor,  # int64 [1]
+    p: float,
+) -> Tensor:
+    """xa = drop(x) A^T [M, r] with the Philox keep mask of `seed`, in A's dtype."""
+    xl = x.to(lora_A.dtype)
+    if p > 0.0:
+        keep = philox_keep_mask_ref(int(seed.reshape(-1)[0]), x.shape[0], x.shape[1], p, x.device)
+        return ((xl * keep) @ lora_A.t()) * keep_scale(p)
+    return xl @ lora_A.t()
+
+
+def lora_grad_a_ref(
+    g: Tensor,  # [M, r]
+    x: Tensor,  # [M, K]
+    seed: Tensor,  # int64 [1]
+    p: float,
+    scale: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """dA = scale * g^T drop_mask(x) [r, K] (the 1/(1-p) factor is part of `scale`)."""
+    xl = x.to(g.dtype)
+    if p > 0.0:
+        xl = xl * philox_keep_mask_ref(int(seed.reshape(-1)[0]), x.shape[0], x.shape[1], p, x.device)
+    return ((g.t() @ xl) * scale).to(out_dtype)
+
+
+def get_lora_configs():
+    if interpreting():
+        return [triton.Config({"BM": 32, "BK": 32}, num_warps=4)]
+    return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3))]
+
+
+if HAS_TRITON:
+
+    @triton.autotune(configs=get_lora_configs(), key=["M_BUCKET", "K", "BR"])
+    @triton.jit
+    def _lora_shrink_kernel(
+        # pointers
+        x_ptr, a_ptr, out_ptr, seed_ptr,
+        # sizes
+        M, K, R, M_BUCKET,
+        # strides
+        sxm, sxk, sar, sak, som, sor,
+        # dropout: 31-bit threshold (0: none) and 1/(1-p)
+        thr, scale,
+        # meta
+        F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    ):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.program_id(1) * BR + tl.arange(0, BR)
+        seed = tl.load(seed_ptr)
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            xt = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
+                         other=0.0)
+            if thr > 0:
+                xt = tl.where(keep_mask(seed, rm[:, None], rk[None, :], thr), xt, 0.0)
+            at = tl.load(a_ptr + rk[:, None] * sak + rr[None, :] * sar, mask=(rk[:, None] < K) & (rr[None, :] < R),
+                         other=0.0)
+            if F32_DOT:
+                xt, at = xt.to(tl.float32), at.to(tl.float32)
+            else:
+                xt = xt.to(at.dtype)
+            acc = tl.dot(xt, at, acc=acc, input_precision=DOT_PREC)
+        tl.store(out_ptr + rm[:, None] * som + rr[None, :] * sor, (acc * scale).to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+    @triton.autotune(configs=get_lora_configs(), key=["M_BUCKET", "K", "BR", "SPLIT"], reset_to_zero=["out_ptr"])
+    @triton.jit
+    def _lora_grad_a_kernel(
+        # pointers
+        g_ptr, x_ptr, out_ptr, seed_ptr,
+        # sizes
+        M, K, R, M_BUCKET, SPLIT,
+        # strides
+        sgm, sgr, sxm, sxk, sor, sok,
+        # dropout threshold (0: none) and the scale of the gradient
+        thr, scale,
+        # meta
+        F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    ):
+        # grid: K blocks x R blocks x SPLIT slices of M, accumulated with fp32 atomics
+        rk = tl.program_id(0) * BK + tl.arange(0, BK)
+        rr = tl.program_id(1) * BR + tl.arange(0, BR)
+        split = tl.program_id(2)
+        seed = tl.load(seed_ptr)
+        rows_per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
+        acc = tl.zeros((BR, BK), dtype=tl.float32)
+        for m0 in range(split * rows_per, min(M, (split + 1) * rows_per), BM):
+            rm = m0 + tl.arange(0, BM)
+            xt = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
+                         other=0.0)
+            if thr > 0:
+                xt = tl.where(keep_mask(seed, rm[:, None], rk[None, :], thr), xt, 0.0)
+            gt = tl.load(g_ptr + rr[:, None] * sgr + rm[None, :] * sgm, mask=(rr[:, None] < R) & (rm[None, :] < M),
+                         other=0.0)
+            if F32_DOT:
+                xt, gt = xt.to(tl.float32), gt.to(tl.float32)
+            else:
+                xt = xt.to(gt.dtype)
+            acc = tl.dot(gt, xt, acc=acc, input_precision=DOT_PREC)
+        ptrs = out_ptr + rr[:, None] * sor + rk[None, :] * sok
+        ok = (rr[:, None] < R) & (rk[None, :] < K)
+        if SPLIT == 1:
+            tl.store(ptrs, acc * scale, mask=ok)
+        else:
+            tl.atomic_add(ptrs, acc * scale, mask=ok)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _need_triton(name: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name} needs triton; install it or set PEFT_FAST_BACKEND=torch")
+
+
+def lora_shrink(x: Tensor, lora_A: Tensor, seed: Tensor, p: float) -> Tensor:
+    """Triton launcher with the signature of `lora_shrink_ref`."""
+    _need_triton("lora_shrink")
+    M, K = x.shape
+    R = lora_A.shape[0]
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_shrink: x has {K} features but lora_A is {tuple(lora_A.shape)}")
+    out = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
+    if M == 0:
+        return out
+    BR = min(next_pow2(R), 64)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(R, BR))  # noqa: E731
+    _lora_shrink_kernel[grid](
+        x, lora_A, out, seed, M, K, R, min(next_pow2(M), 4096),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
+        keep_threshold(p) if p > 0.0 else 0, keep_scale(p) if p > 0.0 else 1.0,
+        F32_DOT=interpreting() or lora_A.dtype == torch.float32, DOT_PREC=_dot_prec(lora_A.dtype), BR=BR,
+    )
+    return out
+
+
+def lora_grad_a(g: Tensor, x: Tensor, seed: Tensor, p: float, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """Triton launcher with the signature of `lora_grad_a_ref`."""
+    _need_triton("lora_grad_a")
+    M, R = g.shape
+    K = x.shape[1]
+    if x.shape[0] != M:
+        raise ValueError(f"lora_grad_a: g has {M} rows but x has {x.shape[0]}")
+    out = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out.to(out_dtype)
+    BR = min(next_pow2(R), 64)
+    n_k_min = triton.cdiv(K, 128) * triton.cdiv(R, BR)
+    # enough programs to fill the device: split the M reduction (fp32 atomics) when K x R is small
+    split = 1 if interpreting() or not x.is_cuda else max(1, min(triton.cdiv(M, 512), 264 // max(n_k_min, 1)))
+    grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(R, BR), split)  # noqa: E731
+    _lora_grad_a_kernel[grid](
+        g, x, out, seed, M, K, R, min(next_pow2(M), 4096), split,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        keep_threshold(p) if p > 0.0 else 0, float(scale),
+        F32_DOT=interpreting() or g.dtype == torch.float32, DOT_PREC=_dot_prec(g.dtype), BR=BR,
+    )
+    return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -1,0 +1,94 @@
+"""Shared pieces of the Triton kernels: optional import, interpreter detection, dropout masks.
+
+Dropout masks on the Triton path are never stored: each kernel regenerates the keep mask of
+element (row, col) from a seed with Philox-4x32-10 (Salmon et al., "Parallel random numbers:
+as easy as 1, 2, 3", SC 2011), counter (c0, c1, c2, c3) = (col, row, 0, 0), key = seed.
+The first output word w keeps the element when (w >> 1) >= threshold, threshold = round(p 2^31):
+P(keep) = 1 - threshold / 2^31 exactly, which `keep_scale` inverts.
+`philox_keep_mask_ref` recomputes the same bits with int64 torch ops (tests, references).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: CPU installs run the torch references
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on installs without triton
+    triton = tl = None
+    HAS_TRITON = False
+
+Tensor = torch.Tensor
+
+_BITS = 31
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_U32 = 0xFFFFFFFF
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def keep_threshold(p: float) -> int:
+    """Integer threshold of the 31-bit uniform; at least one level is always kept."""
+    return min(round(p * 2**_BITS), 2**_BITS - 1)
+
+
+def keep_scale(p: float) -> float:
+    """1 / P(keep), exact for the quantised p."""
+    return 2**_BITS / (2**_BITS - keep_threshold(p))
+
+
+def new_seed(device: torch.device) -> Tensor:
+    """An int64 [1] seed drawn from torch's generator of `device` (honours torch.manual_seed);
+    it stays on the device so no host sync is needed."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _mul_hi_lo(a: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    # 32x32 -> 64-bit product of a constant and uint32 values held in int64, split in 16-bit
+    # halves so nothing overflows int64
+    xh, xl = x >> 16, x & 0xFFFF
+    t = a * xl
+    hi = ((a * xh) + (t >> 16)) >> 16
+    lo = ((((a * xh) & 0xFFFF) << 16) + t) & _U32
+    return hi & _U32, lo
+
+
+def philox_keep_mask_ref(seed: int, rows: int, cols: int, p: float, device=None, row0: int = 0) -> Tensor:
+    """bool [rows, cols] keep mask of rows row0.. identical to the kernels' in-register mask."""
+    r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)[:, None].expand(rows, cols)
+    c = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
+    c0, c1 = c & _U32, r & _U32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
+        c1, c3 = lo_b, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return (c0 >> 1) >= keep_threshold(p)
+
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def keep_mask(seed, rows, cols, threshold):
+        """Keep mask of the [BM, BN] tile at rows [BM, 1] x cols [1, BN] (see module doc)."""
+        zero = (rows * 0 + cols * 0).to(tl.uint32)
+        c0 = (cols + rows * 0).to(tl.uint32)
+        c1 = (rows + cols * 0).to(tl.uint32)
+        w, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+        return (w >> 1).to(tl.int32) >= threshold

@@ -1,0 +1,71 @@
+"""Fused product + column sum: red[n] = sum_m a[m, n] b[m, n] in fp32, without the [M, N]
+product. The gradient of the IA3 vector of output-feature layers (a = dy, b = x W^T + b) and of
+the DoRA magnitude (a = dy, b = ypre) (IA3: Liu et al., 2022, arXiv:2205.05638; DoRA: Liu et
+al., 2024, arXiv:2402.09353)."""
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, interpreting, tl, triton
+
+Tensor = torch.Tensor
+
+
+def colsum_mul_ref(
+    a: Tensor,  # [M, N]
+    b: Tensor,  # [M, N]
+) -> Tensor:
+    """fp32 [N]."""
+    return (a.float() * b.float()).sum(0)
+
+
+def get_colsum_configs():
+    if interpreting():
+        return [triton.Config({"BM": 32, "BN": 32}, num_warps=4)]
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in ((64, 128, 4), (128, 64, 4), (32, 256, 8))]
+
+
+if HAS_TRITON:
+
+    @triton.autotune(configs=get_colsum_configs(), key=["N", "SPLIT"], reset_to_zero=["out_ptr"])
+    @triton.jit
+    def _colsum_mul_kernel(
+        # pointers
+        a_ptr, b_ptr, out_ptr,
+        # sizes
+        M, N, SPLIT,
+        # strides
+        sam, san, sbm, sbn,
+        # meta
+        BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        split = tl.program_id(1)
+        rows_per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for m0 in range(split * rows_per, min(M, (split + 1) * rows_per), BM):
+            rm = m0 + tl.arange(0, BM)
+            ok = (rm[:, None] < M) & (rn[None, :] < N)
+            at = tl.load(a_ptr + rm[:, None] * sam + rn[None, :] * san, mask=ok, other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + rm[:, None] * sbm + rn[None, :] * sbn, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(at * bt, axis=0)
+        if SPLIT == 1:
+            tl.store(out_ptr + rn, acc, mask=rn < N)
+        else:
+            tl.atomic_add(out_ptr + rn, acc, mask=rn < N)
+
+
+def colsum_mul(a: Tensor, b: Tensor) -> Tensor:
+    """Triton launcher with the signature of `colsum_mul_ref`."""
+    if not HAS_TRITON:
+        raise RuntimeError("colsum_mul needs triton; install it or set PEFT_FAST_BACKEND=torch")
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"colsum_mul: shapes {tuple(a.shape)} and {tuple(b.shape)} differ or are not 2-D")
+    M, N = a.shape
+    out = torch.zeros((N,), dtype=torch.float32, device=a.device)
+    if M == 0:
+        return out
+    split = 1 if interpreting() or not a.is_cuda else max(1, min(triton.cdiv(M, 256), 64))
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]), split)  # noqa: E731
+    _colsum_mul_kernel[grid](a, b, out, M, N, split, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    return out
