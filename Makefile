@@ -22,7 +22,8 @@ $(STAMP): $(PY) requirements-dev.txt pyproject.toml setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q --timeout=900 tests
+	$(PY) -m pytest -n 2 -q --timeout=900 -m "not interp" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q --timeout=900 -m interp tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_train_step.py --steps 6 --warmup 1 --out bench_out

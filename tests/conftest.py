@@ -177,12 +177,33 @@ def tiny_model_factory():
 
 
 # --------------------------------------------------------------------------------------------
-# Markers: `gpu` tests skip without CUDA.
+# Markers: `gpu` tests skip without CUDA; `interp` tests need TRITON_INTERPRET=1 set before
+# triton is imported, so `make test` runs them in a second pytest process with it set.
 # --------------------------------------------------------------------------------------------
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    try:
+        import triton  # noqa: F401
+        has_triton = True
+    except ImportError:
+        has_triton = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 and triton (make test runs them that way)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "interp" in item.keywords and not (INTERPRETING and has_triton):
+            item.add_marker(skip_interp)
+
+
+def assert_kernel_close(out: torch.Tensor, ref64: torch.Tensor, same_dtype: torch.Tensor, msg: str = "") -> None:
+    """DESIGN.md rule for matmul-like kernels: |out - ref64| <= 2 |same_dtype - ref64| + atol
+    elementwise-max-wise, where `same_dtype` is the same math done by torch in the kernel's dtype."""
+    assert out.shape == ref64.shape, f"{msg}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out.float()).all(), f"{msg}: non-finite values (unwritten tile?)"
+    err = (out.double() - ref64).abs().max().item() if out.numel() else 0.0
+    base = (same_dtype.double() - ref64).abs().max().item() if out.numel() else 0.0
+    atol = tolerance(out.dtype)["atol"] * max(1.0, ref64.abs().max().item() if out.numel() else 1.0)
+    assert err <= 2 * base + atol, f"{msg}: max error {err:.3e} > 2 x torch's {base:.3e} + {atol:.1e}"
