@@ -92,10 +92,16 @@ def _n_out(weight: Tensor, fan_in_fan_out: bool) -> int:
 
 
 _lib_op = getattr(torch.library, "custom_op", None)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _register(name, fake):
-    """Decorator: register `fn` as torch.ops.peft_fast.<name> with `fake` (plain call on old torch)."""
+    """Decorator: register `fn` as torch.ops.peft_fast.<name> with `fake`.
+
+    The registered op is what torch.compile traces; eager calls (the public functions below)
+    skip it and its None <-> empty-tensor conversions: the dispatcher costs ~85 us a call,
+    more than a decode-sized layer takes on a GPU.
+    """
     def deco(fn):
         if _lib_op is None:  # torch < 2.4: no custom ops, the functions run eagerly
             return fn
@@ -103,6 +109,15 @@ def _register(name, fake):
         op.register_fake(fake)
         return op
     return deco
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces (layers skip caches keyed on data pointers)."""
+    return _compiling()
+
+
+def _eager() -> bool:
+    return _lib_op is None or not _compiling()
 
 
 # ---------------------------------------------------------------- LoRA
@@ -137,12 +152,17 @@ def _lora_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: list[Tensor], lo
 
 def lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out=False):
     """-> (y [M, N], xa_i [M, r_i], dropout state per adapter (None where p == 0))."""
+    if _eager():
+        return _impl(x).lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
     y, xas, rng = _lora_fwd_op(x, weight, bias, list(lora_A), list(lora_B), [float(s) for s in scaling],
                                [float(p) for p in dropout_p], bool(fan_in_fan_out))
     return y, list(xas), [m if p > 0.0 else None for m, p in zip(rng, dropout_p)]
 
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, scaling, dropout_p, xas, masks, fan_in_fan_out=False, need_dx=True):
+    if _eager():
+        return _impl(dy).lora_bwd(dy, x, weight, lora_A, lora_B, scaling, dropout_p, xas, masks, fan_in_fan_out,
+                                  need_dx)
     rng = [m if m is not None else _none(x) for m in masks]
     dx, dAs, dBs = _lora_bwd_op(dy, x, weight, list(lora_A), list(lora_B), [float(s) for s in scaling],
                                 [float(p) for p in dropout_p], list(xas), rng, bool(fan_in_fan_out), bool(need_dx))
@@ -161,6 +181,9 @@ def _dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out=False, weight_sqnorm=None):
+    if _eager():
+        return _impl(weight).dora_weight_norm(weight, lora_A.detach(), lora_B.detach(), scaling, fan_in_fan_out,
+                                              weight_sqnorm)
     return _dora_norm_op(weight, lora_A.detach(), lora_B.detach(), float(scaling), bool(fan_in_fan_out), weight_sqnorm)
 
 
@@ -180,6 +203,9 @@ def _dora_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 
 
 def dora_fwd(x, weight, bias, lora_A, lora_B, scaling, magnitude, weight_norm, fan_in_fan_out=False, keep_pre=True):
+    if _eager():
+        return _impl(x).dora_fwd(x, weight, bias, lora_A, lora_B, scaling, magnitude, weight_norm, fan_in_fan_out,
+                                 keep_pre)
     y, xa, pre = _dora_fwd_op(x, weight, bias, lora_A, lora_B, float(scaling), magnitude, weight_norm,
                               bool(fan_in_fan_out), bool(keep_pre))
     return y, xa, (pre if keep_pre else None)
@@ -201,6 +227,9 @@ def _dora_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: 
 
 def dora_bwd(dy, x, weight, lora_A, lora_B, scaling, magnitude, weight_norm, xa, ypre, fan_in_fan_out=False,
              need_dx=True):
+    if _eager():
+        return _impl(dy).dora_bwd(dy, x, weight, lora_A, lora_B, scaling, magnitude, weight_norm, xa, ypre,
+                                  fan_in_fan_out, need_dx)
     dx, dA, dB, dm = _dora_bwd_op(dy, x, weight, lora_A, lora_B, float(scaling), magnitude, weight_norm, xa, ypre,
                                   bool(fan_in_fan_out), bool(need_dx))
     return (dx if need_dx else None), dA, dB, dm
@@ -220,6 +249,8 @@ def _ia3_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor
 
 
 def ia3_fwd(x, weight, bias, ia3_l, is_feedforward, fan_in_fan_out=False, keep_base=True):
+    if _eager():
+        return _impl(x).ia3_fwd(x, weight, bias, ia3_l, is_feedforward, fan_in_fan_out, keep_base)
     y, base = _ia3_fwd_op(x, weight, bias, ia3_l, bool(is_feedforward), bool(fan_in_fan_out), bool(keep_base))
     return y, (base if keep_base and not is_feedforward else None)
 
@@ -237,5 +268,7 @@ def _ia3_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, ia3_l: Tensor, is_feedfor
 
 
 def ia3_bwd(dy, x, weight, ia3_l, is_feedforward, base, fan_in_fan_out=False, need_dx=True):
+    if _eager():
+        return _impl(dy).ia3_bwd(dy, x, weight, ia3_l, is_feedforward, base, fan_in_fan_out, need_dx)
     dx, dl = _ia3_bwd_op(dy, x, weight, ia3_l, bool(is_feedforward), base, bool(fan_in_fan_out), bool(need_dx))
     return (dx if need_dx else None), dl

@@ -255,6 +255,8 @@ class Linear(nn.Module, LoraLayer):
     def _weight_sqnorm(self) -> torch.Tensor:
         """||W||^2 per output row, fp32; cached until the base weight changes (merge, load)."""
         w = self.get_base_layer().weight
+        if ops.is_compiling():  # traced graphs recompute it (data pointers cannot be traced)
+            return transpose(w.detach(), self.fan_in_fan_out).float().pow(2).sum(1)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         hit = self._caches.get("weight_sqnorm")
         if hit is None or hit[0] != key:
