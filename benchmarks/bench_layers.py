@@ -357,6 +357,8 @@ def run(args) -> tuple[list[dict], dict]:
             bar.update(1)
     if bar is not None:
         bar.close()
+    # which GEMM path (Triton kernel or cuBLAS composition) each op/shape ran, with timings
+    meta["path_choices"] = [{**c, "key": list(c["key"])} for c in peft_fast.ops.path_choices()]
     return rows, meta
 
 
