@@ -54,22 +54,26 @@ def fused_linear_ref(
     the test oracle and the 'torch' path the op picks when it measures faster."""
     out_dtype = out_dtype or x.dtype
     wk = w if pro_scale is None else w * pro_scale.to(w.dtype)[:, None]
-    acc = x @ wk
+    # the bias joins the first GEMM (cuBLAS epilogue) unless a column scale comes in between
+    bias_first = bias is not None and (bias_scaled or col_scale is None)
+    acc = torch.addmm(bias.to(x.dtype), x, wk) if bias_first else x @ wk
     if lr_left is not None:
         for i, seg in enumerate(segments):
             lo, hi = seg.offset, seg.offset + seg.rank
-            term = lr_left[:, lo:hi] @ lr_right[lo:hi].to(lr_left.dtype)
+            left, right = lr_left[:, lo:hi], lr_right[lo:hi].to(lr_left.dtype)
             if seg.p > 0.0:
-                keep = philox_keep_mask_ref(int(seeds[i]), term.shape[0], term.shape[1], seg.p, term.device)
-                term = term * keep
-            acc.add_(term.to(acc.dtype), alpha=seg.scale)
-    if bias is not None and bias_scaled:
-        acc.add_(bias.to(acc.dtype))
-    pre = acc.to(out_dtype) if store_pre else None
+                term = left @ right
+                term = term * philox_keep_mask_ref(int(seeds[i]), term.shape[0], term.shape[1], seg.p, term.device)
+                acc.add_(term.to(acc.dtype), alpha=seg.scale)
+            elif left.dtype == acc.dtype:
+                acc.addmm_(left, right, alpha=seg.scale)
+            else:
+                acc.add_((left @ right).to(acc.dtype), alpha=seg.scale)
+    pre = acc.to(out_dtype, copy=True) if store_pre else None
     red = (acc.float() * reduce_with.float()).sum(0) if reduce_with is not None else None
     if col_scale is not None:
         acc = (acc.float() * col_scale.float()).to(acc.dtype)
-    if bias is not None and not bias_scaled:
+    if bias is not None and not bias_first:
         acc = acc + bias.to(acc.dtype)
     return acc.to(out_dtype), pre, red
 
