@@ -275,6 +275,25 @@ def replay_masks(seed: int, x2d: torch.Tensor, As, Bs, sc, ps) -> list:
     return masks
 
 
+def check_against_masked_formula(y, lv, inputs, dtype, masks, ps_eff):
+    """y and the grads in the leaves `lv` of a lora_linear call vs the formula evaluated with
+    the given float masks (same dtype and fp64); returns the fp64 gradients."""
+    x, W, b, As, Bs, sc, dy = inputs
+
+    def plain(x, W, b, As, Bs):
+        return lora_formula(x, W, b, As, Bs, sc, masks=masks, ps=ps_eff)
+
+    yp, gp = run_autograd(plain, lora_leaves(x, W, b, As, Bs, dtype, True), dy)
+    yr, gr = run_autograd(plain, lora_leaves(x, W, b, As, Bs, torch.float64, True), dy)
+    check(y, yp, yr, dtype, "y")
+    got = {"x": lv["x"].grad, "W": lv["W"].grad, "b": lv["b"].grad}
+    got.update({f"As{i}": t.grad for i, t in enumerate(lv["As"])})
+    got.update({f"Bs{i}": t.grad for i, t in enumerate(lv["Bs"])})
+    for k in gr:
+        check(got[k], gp[k], gr[k], dtype, f"d{k}")
+    return gr
+
+
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.75])
 def test_lora_dropout_keep_rate_and_scaling(p):
     g = _gen(10)
@@ -351,17 +370,7 @@ def test_lora_dropout_backward_uses_forward_mask(layout, dtype):
     scales = [keep_scale(p) if p > 0 else 1.0 for p in ps]
     ps_eff = [1 - 1 / s for s in scales]  # the p the scale corresponds to
 
-    def plain(x, W, b, As, Bs):
-        return lora_formula(x, W, b, As, Bs, sc, masks=masks, ps=ps_eff)
-
-    yp, gp = run_autograd(plain, lora_leaves(x, W, b, As, Bs, dtype, True), dy)
-    yr, gr = run_autograd(plain, lora_leaves(x, W, b, As, Bs, torch.float64, True), dy)
-    check(y, yp, yr, dtype, "y")
-    got = {"x": lv["x"].grad, "W": lv["W"].grad, "b": lv["b"].grad}
-    got.update({f"As{i}": t.grad for i, t in enumerate(lv["As"])})
-    got.update({f"Bs{i}": t.grad for i, t in enumerate(lv["Bs"])})
-    for k in gr:
-        check(got[k], gp[k], gr[k], dtype, f"d{k}")
+    gr = check_against_masked_formula(y, lv, (x, W, b, As, Bs, sc, dy), dtype, masks, ps_eff)
 
     # manual dA with the saved mask: dA = s * (dy B)^T (x * mask / P(keep))
     x64, dy64 = x.double().reshape(-1, K), dy.double().reshape(-1, N)

@@ -19,7 +19,7 @@ from peft_fast import ops, ops_triton
 from peft_fast.functional import lora_linear
 from peft_fast.triton_kernels._triton import keep_scale, philox_keep_mask_ref
 from test_refs_autograd import (  # noqa: F401  (re-collected under the interp marker)
-    K, N, check, lora_formula, lora_leaves, make_lora_inputs, run_autograd,
+    K, N, check_against_masked_formula, lora_leaves, make_lora_inputs,
     test_dora_linear_inference_path_matches_training_path, test_dora_linear_matches_autograd,
     test_dora_matches_peft_layer, test_ia3_linear_matches_autograd, test_lora_linear_empty_batch,
     test_lora_linear_frozen_base_gets_no_grad, test_lora_linear_matches_autograd,
@@ -65,17 +65,7 @@ def test_lora_dropout_backward_uses_forward_mask(recorded_seeds, layout, dtype):
     masks = [None if p == 0 else philox_keep_mask_ref(next(it), M2, K, p).double().reshape(x.shape) for p in ps]
     ps_eff = [1 - 1 / keep_scale(p) if p > 0 else 0.0 for p in ps]
 
-    def plain(x, W, b, As, Bs):
-        return lora_formula(x, W, b, As, Bs, sc, masks=masks, ps=ps_eff)
-
-    yp, gp = run_autograd(plain, lora_leaves(x, W, b, As, Bs, dtype, True), dy)
-    yr, gr = run_autograd(plain, lora_leaves(x, W, b, As, Bs, torch.float64, True), dy)
-    check(y, yp, yr, dtype, "y")
-    got = {"x": lv["x"].grad, "W": lv["W"].grad, "b": lv["b"].grad}
-    got.update({f"As{i}": t.grad for i, t in enumerate(lv["As"])})
-    got.update({f"Bs{i}": t.grad for i, t in enumerate(lv["Bs"])})
-    for k in gr:
-        check(got[k], gp[k], gr[k], dtype, f"d{k}")
+    gr = check_against_masked_formula(y, lv, (x, W, b, As, Bs, sc, dy), dtype, masks, ps_eff)
     # discriminating: another seed's mask gives a clearly different dA
     other = philox_keep_mask_ref(recorded_seeds[0] + 1, M2, K, ps[0]).double()
     x64, dy64 = x.double().reshape(-1, K), dy.double().reshape(-1, N)

@@ -62,7 +62,13 @@ def lora_linear(
     """[..., K] -> [..., N]; dropout_p must be 0 outside training."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = LoraLinearFunction.apply(
-        x2, weight, bias, fan_in_fan_out, tuple(scaling), tuple(float(p) for p in dropout_p), *lora_A, *lora_B
-    )
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        or any(t.requires_grad for t in lora_A) or any(t.requires_grad for t in lora_B)
+    ):  # inference (decode): no autograd node, nothing kept
+        y = ops.lora_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)[0]
+    else:
+        y = LoraLinearFunction.apply(
+            x2, weight, bias, fan_in_fan_out, tuple(scaling), tuple(float(p) for p in dropout_p), *lora_A, *lora_B
+        )
     return y.view(*lead, y.shape[-1])
