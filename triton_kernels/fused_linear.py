@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from .nf4 import NF4Operand, nf4_dequantize_ref, nf4_kernel_args
 from ._triton import HAS_TRITON, interpreting, keep_scale, keep_threshold, next_pow2, philox_keep_mask_ref, tl, triton  # noqa: F401
 
 Tensor = torch.Tensor
@@ -35,9 +36,29 @@ class Segment(NamedTuple):
     p: float  # dropout probability of the mask applied to the term (0: no mask)
 
 
+class NF4KN(NamedTuple):
+    """An NF4 weight W [out, in] used as the [K, N] operand: W^T (transpose=True, forward) or W."""
+    op: NF4Operand
+    transpose: bool
+
+    @property
+    def shape(self) -> tuple:
+        o, i = self.op.shape
+        return (i, o) if self.transpose else (o, i)
+
+    def element_strides(self) -> tuple:
+        """(stride along K, stride along N) in elements of the flat row-major W."""
+        i = self.op.shape[1]
+        return (1, i) if self.transpose else (i, 1)
+
+    def dequantize(self) -> Tensor:
+        w = nf4_dequantize_ref(self.op)
+        return w.t() if self.transpose else w
+
+
 def fused_linear_ref(
     x: Tensor,  # [M, K]
-    w: Tensor,  # [K, N] (any strides)
+    w,  # Tensor [K, N] (any strides), or NF4KN
     bias: Optional[Tensor] = None,  # [N]
     pro_scale: Optional[Tensor] = None,  # [K]
     col_scale: Optional[Tensor] = None,  # [N], applied in fp32
@@ -53,6 +74,8 @@ def fused_linear_ref(
     """Returns (out [M, N], pre [M, N] or None, red fp32 [N] or None). Pure torch (cuBLAS on GPU):
     the test oracle and the 'torch' path the op picks when it measures faster."""
     out_dtype = out_dtype or x.dtype
+    if isinstance(w, NF4KN):
+        w = w.dequantize()
     wk = w if pro_scale is None else w * pro_scale.to(w.dtype)[:, None]
     # the bias joins the first GEMM (cuBLAS epilogue) unless a column scale comes in between
     bias_first = bias is not None and (bias_scaled or col_scale is None)
@@ -110,14 +133,17 @@ def segment_table(segments: Sequence[Segment], device: torch.device) -> tuple[Te
 
 if HAS_TRITON:
     from ._triton import keep_mask
+    from .nf4 import nf4_decode
 
-    @triton.autotune(configs=get_fused_linear_configs(), key=["M_BUCKET", "N", "K", "N_SEG", "BR"],
+    @triton.autotune(configs=get_fused_linear_configs(), key=["M_BUCKET", "N", "K", "N_SEG", "BR", "W_NF4"],
                      reset_to_zero=["red_ptr"])
     @triton.jit
     def _fused_linear_kernel(
         # pointers
         x_ptr, w_ptr, out_ptr, bias_ptr, pro_ptr, col_ptr, pre_ptr, red_ptr, z_ptr,
         l_ptr, r_ptr, seg_ptr, segscale_ptr, seeds_ptr,
+        # NF4 weight (W_NF4): packed, absmax, code, offset, absmax2, code2 and the block sizes
+        q_packed, q_absmax, q_code, q_offset, q_absmax2, q_code2, q_bs, q_bs2,
         # sizes
         M, N, K, M_BUCKET, N_SEG,
         # strides
@@ -125,7 +151,7 @@ if HAS_TRITON:
         # meta
         LR_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_SCALED: tl.constexpr, HAS_PRO: tl.constexpr,
         HAS_COL: tl.constexpr, STORE_PRE: tl.constexpr, REDUCE: tl.constexpr, F32_DOT: tl.constexpr,
-        DOT_PREC: tl.constexpr, BR: tl.constexpr,
+        DOT_PREC: tl.constexpr, BR: tl.constexpr, W_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # grouped launch order: GROUP_M row-blocks share each column block of w in L2
@@ -144,7 +170,13 @@ if HAS_TRITON:
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             a = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
-            b = tl.load(w_ptr + rk[:, None] * swk + rn[None, :] * swn, mask=(rk[:, None] < K) & n_ok[None, :], other=0.0)
+            b_ok = (rk[:, None] < K) & n_ok[None, :]
+            if W_NF4:  # 4-bit weight: decode the tile in registers (swk, swn: element strides of W)
+                e = rk[:, None].to(tl.int64) * swk + rn[None, :].to(tl.int64) * swn
+                b = nf4_decode(q_packed, q_absmax, q_code, q_offset, q_absmax2, q_code2, e, b_ok, q_bs, q_bs2,
+                               DOUBLE_QUANT).to(x_ptr.dtype.element_ty)
+            else:
+                b = tl.load(w_ptr + rk[:, None] * swk + rn[None, :] * swn, mask=b_ok, other=0.0)
             if HAS_PRO:
                 p = tl.load(pro_ptr + rk, mask=rk < K, other=0.0)
                 b = (b.to(tl.float32) * p.to(tl.float32)[:, None]).to(b.dtype)
@@ -210,7 +242,7 @@ def _check(name: str, t: Optional[Tensor], shape: tuple, device: torch.device) -
 
 def fused_linear(
     x: Tensor,  # [M, K]
-    w: Tensor,  # [K, N] (any strides)
+    w,  # Tensor [K, N] (any strides), or NF4KN
     bias: Optional[Tensor] = None,  # [N]
     pro_scale: Optional[Tensor] = None,  # [K]
     col_scale: Optional[Tensor] = None,  # [N]
@@ -223,13 +255,18 @@ def fused_linear(
     reduce_with: Optional[Tensor] = None,  # [M, N]
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Triton launcher with the signature of `fused_linear_ref`."""
+    """Triton launcher with the signature of `fused_linear_ref`. `w` may be an `NF4KN`: the
+    4-bit weight is then decoded tile by tile inside the GEMM (read once, never expanded)."""
     if not HAS_TRITON:
         raise RuntimeError("fused_linear needs triton; install it or use PEFT_FAST_BACKEND=torch")
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"fused_linear: x {tuple(x.shape)} and w {tuple(w.shape)} do not chain ([M, K] @ [K, N])")
+    nf4 = w if isinstance(w, NF4KN) else None
+    w_shape = nf4.shape if nf4 is not None else tuple(w.shape)
+    if x.dim() != 2 or len(w_shape) != 2 or x.shape[1] != w_shape[0]:
+        raise ValueError(f"fused_linear: x {tuple(x.shape)} and w {tuple(w_shape)} do not chain ([M, K] @ [K, N])")
+    if nf4 is not None and x.dtype != nf4.op.dtype:
+        raise ValueError(f"fused_linear: x is {x.dtype} but the NF4 weight dequantizes to {nf4.op.dtype}")
     M, K = x.shape
-    N = w.shape[1]
+    N = w_shape[1]
     dev = x.device
     for name, t, shp in (("bias", bias, (N,)), ("pro_scale", pro_scale, (K,)), ("col_scale", col_scale, (N,)),
                          ("reduce_with", reduce_with, (M, N))):
@@ -254,17 +291,24 @@ def fused_linear(
     opt = lambda t: t if t is not None else dummy  # noqa: E731  (unused pointer slots)
     strides = lambda t: t.stride() if t is not None else (0, 0)  # noqa: E731
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    if nf4 is not None:
+        q_args = (*nf4_kernel_args(nf4.op), nf4.op.blocksize, nf4.op.blocksize2)
+        w_t, (swk, swn) = dummy, nf4.element_strides()
+    else:
+        q_args = (dummy,) * 6 + (1, 1)
+        w_t, (swk, swn) = w, w.stride()
     _fused_linear_kernel[grid](
-        x, w, out, opt(bias), opt(pro_scale), opt(col_scale), opt(pre), opt(red), opt(reduce_with),
+        x, w_t, out, opt(bias), opt(pro_scale), opt(col_scale), opt(pre), opt(red), opt(reduce_with),
         lr_left if segs else dummy, lr_right if segs else dummy, seg_ints, seg_scales,
-        seeds if masked else dummy,
+        seeds if masked else dummy, *q_args,
         M, N, K, min(next_pow2(M, 16), 4096), len(segs),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), swk, swn, out.stride(0), out.stride(1),
         *strides(pre), *strides(reduce_with), *strides(lr_left if segs else None), *strides(lr_right if segs else None),
         LR_MASK=masked, HAS_BIAS=bias is not None, BIAS_SCALED=bias_scaled, HAS_PRO=pro_scale is not None,
         HAS_COL=col_scale is not None, STORE_PRE=store_pre, REDUCE=reduce_with is not None,
         F32_DOT=interpreting() or x.dtype == torch.float32, DOT_PREC=_dot_precision(x.dtype),
         BR=min(next_pow2(max((s.rank for s in segs), default=1)), 64),
+        W_NF4=nf4 is not None, DOUBLE_QUANT=nf4 is not None and nf4.op.double_quant,
     )
     return out, pre, red
 

@@ -1,0 +1,131 @@
+"""NF4 (4-bit NormalFloat) dequantization, bitsandbytes storage format.
+
+QLoRA: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023 (arXiv:2305.14314).
+
+Storage (bitsandbytes): W[out, in] row-major, flattened, two 4-bit codes a byte with the first
+element in the high nibble; one absmax per `blocksize` consecutive elements. With double
+quantization the absmax are uint8 codes of an 8-bit blockwise quantization (code2, absmax2 per
+`blocksize2` absmax) plus an fp32 offset:  absmax = code2[q] * absmax2[i // blocksize2] + offset.
+    w[e] = fp32(code[nibble(e)] * absmax[e // blocksize]) -> dtype      (as bitsandbytes)
+
+`NF4Operand` bundles those tensors so that fused_linear can read a 4-bit weight directly
+(dequantizing tiles in registers: the decode path) and `nf4_dequantize` can expand it into a
+reused buffer (the training path).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._triton import HAS_TRITON, interpreting, tl, triton
+
+Tensor = torch.Tensor
+
+
+class NF4Operand(NamedTuple):
+    packed: Tensor  # uint8 [ceil(numel / 2)]
+    absmax: Tensor  # fp32 [n_blocks], or uint8 [n_blocks] with double quantization
+    code: Tensor  # fp32 [16]
+    shape: tuple  # (out, in) of the dequantized weight
+    dtype: torch.dtype  # dtype of the dequantized weight
+    blocksize: int
+    offset: Optional[Tensor] = None  # fp32 [] or [1]
+    absmax2: Optional[Tensor] = None  # fp32 [n_blocks2]
+    code2: Optional[Tensor] = None  # fp32 [256]
+    blocksize2: int = 256
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+
+def nf4_absmax_ref(w: NF4Operand) -> Tensor:
+    """fp32 [n_blocks]: the per-block absmax, decoding the nested 8-bit quantization if any."""
+    if not w.double_quant:
+        return w.absmax.float()
+    idx = torch.arange(w.absmax.numel(), device=w.absmax.device) // w.blocksize2
+    return w.code2[w.absmax.long()] * w.absmax2[idx] + w.offset.reshape(()).float()
+
+
+def nf4_dequantize_ref(w: NF4Operand, out: Optional[Tensor] = None) -> Tensor:
+    """[out, in] in w.dtype (into `out` if given); bit-identical to bitsandbytes' dequantize_4bit."""
+    n = w.shape[0] * w.shape[1]
+    p = w.packed.reshape(-1)
+    q = torch.stack((p >> 4, p & 0xF), dim=1).reshape(-1)[:n].long()
+    absmax = nf4_absmax_ref(w)
+    vals = w.code.float()[q] * absmax.repeat_interleave(w.blocksize)[:n]
+    res = vals.view(w.shape).to(w.dtype)
+    if out is not None:
+        return out.copy_(res)
+    return res
+
+
+def get_nf4_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK": 256}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def nf4_decode(packed_ptr, absmax_ptr, code_ptr, offset_ptr, absmax2_ptr, code2_ptr, e, ok,
+                   blocksize, blocksize2, DOUBLE_QUANT: tl.constexpr):
+        """fp32 weights of the flat element indices `e` (any shape) of an NF4 tensor."""
+        byte = tl.load(packed_ptr + (e >> 1), mask=ok, other=0).to(tl.int32)
+        nib = tl.where((e & 1) == 0, byte >> 4, byte & 0xF)
+        blk = e // blocksize
+        if DOUBLE_QUANT:
+            qa = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+            absmax = tl.load(code2_ptr + qa, mask=ok, other=0.0) * tl.load(absmax2_ptr + blk // blocksize2, mask=ok,
+                                                                             other=0.0)
+            absmax = absmax + tl.load(offset_ptr)
+        else:
+            absmax = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+        return tl.load(code_ptr + nib, mask=ok, other=0.0) * absmax
+
+    @triton.autotune(configs=get_nf4_configs(), key=["n", "DOUBLE_QUANT"])
+    @triton.jit
+    def _nf4_dequant_kernel(
+        # pointers
+        packed_ptr, absmax_ptr, code_ptr, offset_ptr, absmax2_ptr, code2_ptr, out_ptr,
+        # sizes
+        n, blocksize, blocksize2,
+        # meta
+        DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < n
+        w = nf4_decode(packed_ptr, absmax_ptr, code_ptr, offset_ptr, absmax2_ptr, code2_ptr, e, ok,
+                       blocksize, blocksize2, DOUBLE_QUANT)
+        tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def nf4_kernel_args(w: NF4Operand) -> tuple:
+    """Pointer arguments of `nf4_decode` (unused slots get a harmless tensor)."""
+    dq = w.double_quant
+    return (w.packed, w.absmax, w.code, w.offset if dq else w.code, w.absmax2 if dq else w.code,
+            w.code2 if dq else w.code)
+
+
+def nf4_dequantize(w: NF4Operand, out: Optional[Tensor] = None) -> Tensor:
+    """Triton launcher with the signature of `nf4_dequantize_ref`. `out` ([out, in], w.dtype,
+    contiguous) lets the caller reuse one buffer per device instead of allocating."""
+    if not HAS_TRITON:
+        raise RuntimeError("nf4_dequantize needs triton; install it or set PEFT_FAST_BACKEND=torch")
+    n = w.shape[0] * w.shape[1]
+    if w.packed.numel() * 2 < n:
+        raise ValueError(f"nf4_dequantize: {w.packed.numel()} packed bytes cannot hold shape {tuple(w.shape)}")
+    if out is None:
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.packed.device)
+    elif tuple(out.shape) != tuple(w.shape) or not out.is_contiguous():
+        raise ValueError(f"nf4_dequantize: out must be contiguous {tuple(w.shape)}, got {tuple(out.shape)}")
+    if n == 0:
+        return out
+    # the interpreter rounds fp32 -> bf16 by truncation: store fp32 there and let torch round
+    dst = torch.empty(w.shape, dtype=torch.float32, device=out.device) \
+        if interpreting() and out.dtype == torch.bfloat16 else out
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+    _nf4_dequant_kernel[grid](*nf4_kernel_args(w), dst, n, w.blocksize, w.blocksize2, DOUBLE_QUANT=w.double_quant)
+    return out.copy_(dst) if dst is not out else out
