@@ -3,7 +3,7 @@
 The first call of an op for a shape key times every candidate on the device (CUDA events,
 after a warm-up that also runs Triton's autotuner) and keeps the fastest; later calls with
 the same key reuse it. Every choice is recorded with its timings (`path_choices()`), so a
-benchmark can show which path ran. `PEFT_FAST_GEMM=triton|torch` forces one path.
+benchmark can show which path ran. `PEFT_FAST_GEMM=triton|torch|nf4_fused` forces one path.
 Without a measurable device (the Triton interpreter, stream capture) the Triton kernel runs
 and the record says why nothing was measured.
 """
@@ -18,6 +18,9 @@ import torch
 _CHOICES: dict[tuple, dict] = {}
 _LOCK = threading.Lock()
 _REPS = 3
+# 'nf4_fused' (4-bit weight decoded inside the GEMM) exists for 4-bit weights and small M only;
+# a forced path that an op does not have falls back to the measured choice.
+_PATHS = ("auto", "triton", "torch", "nf4_fused")
 
 
 def path_choices() -> list[dict]:
@@ -47,8 +50,8 @@ def _time_ms(fn: Callable[[], object]) -> float:
 def choose(op: str, key: tuple, candidates: dict[str, Callable[[], object]], device: torch.device):
     """Run the chosen candidate for (op, key) and return its result (choosing first if needed)."""
     forced = os.environ.get("PEFT_FAST_GEMM", "auto").lower()
-    if forced not in ("auto", "triton", "torch"):
-        raise ValueError(f"PEFT_FAST_GEMM={forced!r} is not one of ('auto', 'triton', 'torch')")
+    if forced not in _PATHS:
+        raise ValueError(f"PEFT_FAST_GEMM={forced!r} is not one of {_PATHS}")
     if forced != "auto" and forced in candidates:
         return candidates[forced]()
     full_key = (op, *key)

@@ -22,6 +22,7 @@ from ._path import clear_path_choices, path_choices  # noqa: F401  (public: whic
 from .triton_kernels import dora as _dora
 from .triton_kernels import ia3 as _ia3
 from .triton_kernels import lora as _lora
+from .triton_kernels import nf4 as _nf4
 from .triton_kernels._triton import HAS_TRITON, interpreting
 
 Tensor = torch.Tensor
@@ -272,3 +273,23 @@ def ia3_bwd(dy, x, weight, ia3_l, is_feedforward, base, fan_in_fan_out=False, ne
         return _impl(dy).ia3_bwd(dy, x, weight, ia3_l, is_feedforward, base, fan_in_fan_out, need_dx)
     dx, dl = _ia3_bwd_op(dy, x, weight, ia3_l, bool(is_feedforward), base, bool(fan_in_fan_out), bool(need_dx))
     return (dx if need_dx else None), dl
+
+
+# ---------------------------------------------------------------- QLoRA (4-bit NF4 base weight)
+# Eager only (the NF4 operand is not a tensor): the torch path dequantizes with the reference,
+# the Triton path decodes inside the GEMM or into a reused buffer (ops_triton._linear).
+def _nf4_weight(w, impl):
+    return w if impl is not _REF else _nf4.nf4_dequantize_ref(w)
+
+
+def qlora_fwd(x, nf4, bias, lora_A, lora_B, scaling, dropout_p):
+    """LoRA forward on W = dequant(nf4) [N, K]; the dequantized W is never kept."""
+    impl = _impl(x)
+    return impl.lora_fwd(x, _nf4_weight(nf4, impl), bias, lora_A, lora_B, scaling, dropout_p, False)
+
+
+def qlora_bwd(dy, x, nf4, lora_A, lora_B, scaling, dropout_p, xas, masks, need_dx=True):
+    """LoRA backward with W dequantized again (not saved from the forward)."""
+    impl = _impl(dy)
+    return impl.lora_bwd(dy, x, _nf4_weight(nf4, impl), lora_A, lora_B, scaling, dropout_p, xas, masks, False,
+                         need_dx)

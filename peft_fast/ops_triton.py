@@ -15,21 +15,39 @@ from . import _path
 from .triton_kernels._triton import keep_scale, new_seed
 from .triton_kernels.colsum import colsum_mul
 from .triton_kernels.dora import dora_weight_norm  # noqa: F401  (re-exported for ops.py)
-from .triton_kernels.fused_linear import Segment, fused_linear, fused_linear_ref
+from .triton_kernels._workspace import scratch
+from .triton_kernels.fused_linear import NF4KN, Segment, fused_linear, fused_linear_ref
 from .triton_kernels.lora import lora_grad_a, lora_shrink
+from .triton_kernels.nf4 import NF4Operand, nf4_dequantize
 
 Tensor = torch.Tensor
 
 
-def _linear(op: str, x: Tensor, w: Tensor, **kw):
-    """fused_linear on the path measured fastest for this shape (Triton only when masked)."""
+_DECODE_M = 64  # up to this many tokens the 4-bit weight may be decoded inside the GEMM
+
+
+def _dequantized(w: NF4KN) -> Tensor:
+    """The 4-bit weight expanded into one reused buffer per (device, dtype): never kept."""
+    buf = scratch("nf4_weight", tuple(w.op.shape), w.op.dtype, w.op.packed.device)
+    nf4_dequantize(w.op, out=buf)
+    return buf.t() if w.transpose else buf
+
+
+def _linear(op: str, x: Tensor, w, **kw):
+    """fused_linear on the path measured fastest for this shape (Triton only when masked).
+    For a 4-bit weight: decode in the GEMM (small M), or dequantize into a buffer and then
+    the Triton or cuBLAS GEMM."""
     segs = kw.get("segments", ())
     masked = any(s.p > 0.0 for s in segs)
-    key = (_path.bucket(x.shape[0]), x.shape[1], w.shape[1], tuple(s.rank for s in segs), str(x.dtype),
+    nf4 = isinstance(w, NF4KN)
+    key = (_path.bucket(x.shape[0]), x.shape[1], w.shape[1], tuple(s.rank for s in segs), str(x.dtype), nf4,
            tuple(sorted(k for k, v in kw.items() if v is not None and v is not False and k != "segments")))
-    cands = {"triton": lambda: fused_linear(x, w, **kw)}
+    dense = (lambda: _dequantized(w)) if nf4 else (lambda: w)
+    cands = {"triton": lambda: fused_linear(x, dense(), **kw)}
     if not masked:
-        cands["torch"] = lambda: fused_linear_ref(x, w, **kw)
+        cands["torch"] = lambda: fused_linear_ref(x, dense(), **kw)
+    if nf4 and x.shape[0] <= _DECODE_M:
+        cands["nf4_fused"] = lambda: fused_linear(x, w, **kw)
     return _path.choose(op, key, cands, x.device)
 
 
@@ -45,8 +63,18 @@ def _segments(ranks: Sequence[int], scales: Sequence[float], ps: Sequence[float]
     return segs
 
 
-def _w_kn(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
-    return weight if fan_in_fan_out else weight.t()  # [K, N] view of the base weight
+def _w_kn(weight, fan_in_fan_out: bool):
+    """[K, N] operand of the base weight (a view; an NF4 weight is read transposed in place)."""
+    if isinstance(weight, NF4Operand):
+        return NF4KN(weight, True)
+    return weight if fan_in_fan_out else weight.t()
+
+
+def _w_nk(weight, fan_in_fan_out: bool):
+    """The base weight as the [N, K] operand of dx = dy W."""
+    if isinstance(weight, NF4Operand):
+        return NF4KN(weight, False)
+    return weight.t() if fan_in_fan_out else weight
 
 
 def lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out=False):
@@ -89,8 +117,8 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, scaling, dropout_p, xas, rng, fan_in
         segs = _segments(ranks, [s * k for s, k in zip(scaling, ks)], dropout_p)
         seeds = torch.cat([sd if sd is not None else torch.zeros(1, dtype=torch.int64, device=x.device) for sd in rng]) \
             if any(p > 0.0 for p in dropout_p) else None
-        w_nk = weight.t() if fan_in_fan_out else weight  # dx = dy W: W as a [N, K] operand
-        dx, _, _ = _linear("lora_dx", dy, w_nk, lr_left=g, lr_right=_cat(list(lora_A), 0).to(g.dtype),
+        dx, _, _ = _linear("lora_dx", dy, _w_nk(weight, fan_in_fan_out), lr_left=g,
+                           lr_right=_cat(list(lora_A), 0).to(g.dtype),
                            segments=segs, seeds=seeds, out_dtype=x.dtype)
     return dx, dAs, dBs
 
@@ -118,8 +146,7 @@ def dora_bwd(dy, x, weight, lora_A, lora_B, scaling, magnitude, weight_norm, xa,
     dA = (g.t() @ x.to(g.dtype)).to(lora_A.dtype)
     dx = None
     if need_dx:
-        w_nk = weight.t() if fan_in_fan_out else weight
-        dx, _, _ = _linear("dora_dx", dy, w_nk, pro_scale=c, lr_left=g, lr_right=lora_A.to(g.dtype),
+        dx, _, _ = _linear("dora_dx", dy, _w_nk(weight, fan_in_fan_out), pro_scale=c, lr_left=g, lr_right=lora_A.to(g.dtype),
                            segments=[Segment(0, lora_A.shape[0], 1.0, 0.0)], out_dtype=x.dtype)
     return dx, dA, dB, dm
 
@@ -135,7 +162,7 @@ def ia3_fwd(x, weight, bias, ia3_l, is_feedforward, fan_in_fan_out=False, keep_b
 
 
 def ia3_bwd(dy, x, weight, ia3_l, is_feedforward, base: Optional[Tensor], fan_in_fan_out=False, need_dx=True):
-    w_nk = weight.t() if fan_in_fan_out else weight
+    w_nk = _w_nk(weight, fan_in_fan_out)
     l = ia3_l.to(dy.dtype)
     if is_feedforward:  # t = dy W; dx = t l; dl = colsum(t x), fused into the same GEMM
         dx, _, dl = _linear("ia3_ff_dx", dy, w_nk, col_scale=l, reduce_with=x, out_dtype=x.dtype)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -185,3 +187,72 @@ def set_trainable(model: nn.Module, adapter_name: str, module_names, inference_m
             new = ModulesToSaveWrapper(target, adapter_name)
             new.set_adapter(adapter_name, inference_mode=inference_mode)
             setattr(parent, target_name, new)
+
+
+# Quantization backends whose fp16/bf16 parameters PEFT leaves alone (their kernels want them so).
+_NO_UPCAST_QUANT_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: Optional[dict] = None,
+                                    auto_clear_cache: bool = True) -> nn.Module:
+    """PEFT 0.21.2's ``prepare_model_for_kbit_training``, step for step (transformers models only).
+
+    1. Freeze every parameter of `model`.
+    2. Unless the model is GPTQ/AQLM/EETQ/HQQ/torchao-quantized, cast every fp16/bf16 parameter
+       that is not a bitsandbytes ``Params4bit`` to fp32 -- norms, embeddings, lm_head, and (as in
+       PEFT) also on a model that is not quantized at all. int8 weights are left as they are.
+    3. If the model is quantized (``is_loaded_in_8bit``/``is_loaded_in_4bit`` or one of the methods
+       above) and `use_gradient_checkpointing`: unless ``use_reentrant=False`` is passed, make the
+       input embeddings' output require grad (``enable_input_require_grads``, else a forward hook
+       on ``get_input_embeddings()``) so reentrant checkpointing sees a grad-requiring input; then
+       ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` (kwargs dropped with a
+       FutureWarning where that method takes none). A missing ``use_reentrant`` counts as True here,
+       as in PEFT, although transformers itself defaults to ``use_reentrant=False``.
+    4. `auto_clear_cache`: empty the CUDA/XPU caching allocator after the casts.
+
+    Returns `model` (modified in place).
+    """
+    method = getattr(model, "quantization_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod is a str enum
+    loaded_in_kbit = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    is_hqq = method == "hqq" or getattr(model, "hqq_quantized", False)
+    skip_upcast = is_hqq or method in _NO_UPCAST_QUANT_METHODS
+
+    if gradient_checkpointing_kwargs is None:
+        gradient_checkpointing_kwargs = {}
+
+    for param in model.parameters():
+        param.requires_grad = False
+
+    if not skip_upcast:
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
+                param.data = param.data.to(torch.float32)
+        if auto_clear_cache:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if hasattr(torch, "xpu") and torch.xpu.is_available():
+                torch.xpu.empty_cache()
+
+    if (loaded_in_kbit or skip_upcast) and use_gradient_checkpointing:
+        # with use_reentrant=False the checkpoint needs no grad-requiring input
+        if gradient_checkpointing_kwargs.get("use_reentrant", True):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            else:
+                def make_inputs_require_grad(module, input, output):
+                    output.requires_grad_(True)
+
+                model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+
+        supports_gc_kwargs = "gradient_checkpointing_kwargs" in inspect.signature(
+            model.gradient_checkpointing_enable).parameters
+        if not supports_gc_kwargs and len(gradient_checkpointing_kwargs) > 0:
+            warnings.warn(
+                "gradient_checkpointing_kwargs is not supported in this version of transformers. The passed kwargs "
+                "will be ignored. if you want to use that feature, please upgrade to the latest version of "
+                "transformers.", FutureWarning)
+        gc_enable_kwargs = {"gradient_checkpointing_kwargs": gradient_checkpointing_kwargs} if supports_gc_kwargs else {}
+        model.gradient_checkpointing_enable(**gc_enable_kwargs)
+    return model
