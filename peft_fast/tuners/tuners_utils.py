@@ -226,10 +226,19 @@ class BaseTunerLayer:
         if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         base = self.get_base_layer()
-        base.weight.data = new_w.to(base.weight.dtype)
+        self._set_base_weight_data(new_w)
         if new_b is not None:
             base.bias.data = new_b.to(base.bias.dtype)
         self.merged_adapters.append(adapter)
+
+    def _base_weight_data(self) -> torch.Tensor:
+        """The base weight as a dense tensor (quantized layers dequantize here)."""
+        return self.get_base_layer().weight.data
+
+    def _set_base_weight_data(self, new_w: torch.Tensor) -> None:
+        """Store a dense base weight (quantized layers quantize it again here)."""
+        w = self.get_base_layer().weight
+        w.data = new_w.to(w.dtype)
 
     def _pop_merged(self):
         """Yield the merged adapters, last merged first, removing them from the record."""

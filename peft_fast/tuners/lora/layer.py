@@ -197,7 +197,7 @@ class LoraLayer(BaseTunerLayer):
 
     def _unmerged_base_weight(self) -> torch.Tensor:
         """The base weight as it was before any merge (the norm DoRA's forward uses)."""
-        w = self.get_base_layer().weight.data.clone()
+        w = self._base_weight_data().clone()
         for adapter in reversed(self.merged_adapters):
             if adapter in self.lora_A:
                 w = self._undo(adapter, w)
@@ -208,7 +208,7 @@ class LoraLayer(BaseTunerLayer):
             if adapter not in self.lora_A:
                 continue
             base = self.get_base_layer()
-            w = base.weight.data
+            w = self._base_weight_data()
             delta = self.get_delta_weight(adapter)
             if adapter in self.lora_magnitude_vector:
                 norm = self._dora_norm(self._unmerged_base_weight() if self.merged else w, delta)
@@ -228,9 +228,8 @@ class LoraLayer(BaseTunerLayer):
         for adapter in self._pop_merged():
             if adapter not in self.lora_A:
                 continue
-            w = self.get_base_layer().weight
             norm = self._caches.pop(f"{adapter}-weight_norm", None)
-            w.data = self._undo(adapter, w.data, norm)
+            self._set_base_weight_data(self._undo(adapter, self._base_weight_data(), norm))
             if self.lora_bias[adapter]:
                 self.get_base_layer().bias.data -= self.lora_B[adapter].bias.data * self.scaling[adapter]
 
@@ -252,15 +251,19 @@ class Linear(nn.Module, LoraLayer):
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
 
     # -- DoRA ----------------------------------------------------------------------------------
+    def _dense_weight(self) -> torch.Tensor:
+        """The frozen base weight for DoRA's norm and formula (quantized layers dequantize)."""
+        return self.get_base_layer().weight.detach()
+
     def _weight_sqnorm(self) -> torch.Tensor:
         """||W||^2 per output row, fp32; cached until the base weight changes (merge, load)."""
         w = self.get_base_layer().weight
         if ops.is_compiling():  # traced graphs recompute it (data pointers cannot be traced)
-            return transpose(w.detach(), self.fan_in_fan_out).float().pow(2).sum(1)
+            return transpose(self._dense_weight(), self.fan_in_fan_out).float().pow(2).sum(1)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         hit = self._caches.get("weight_sqnorm")
         if hit is None or hit[0] != key:
-            wt = transpose(w.detach(), self.fan_in_fan_out)
+            wt = transpose(self._dense_weight(), self.fan_in_fan_out)
             hit = (key, wt.float().pow(2).sum(1))
             self._caches["weight_sqnorm"] = hit
         return hit[1]
@@ -268,7 +271,7 @@ class Linear(nn.Module, LoraLayer):
     def get_weight_norm(self, adapter: str, scaling: Optional[float] = None) -> torch.Tensor:
         """||W + s B A|| per output row from the factored form (detached), [N]."""
         return ops.dora_weight_norm(
-            self.get_base_layer().weight.detach(), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+            self._dense_weight(), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             self.scaling[adapter] if scaling is None else scaling, self.fan_in_fan_out, self._weight_sqnorm(),
         )
 
@@ -317,21 +320,30 @@ class Linear(nn.Module, LoraLayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         if self._fusable(x, args, kwargs):
-            base = self.base_layer
-            dora = [a for a in active if a in self.lora_magnitude_vector]
-            if not dora:
-                return lora_linear(
-                    x, base.weight, base.bias, [self.lora_A[a].weight for a in active],
-                    [self.lora_B[a].weight for a in active], [self.scaling[a] for a in active],
-                    [self._dropout_p(a) for a in active], self.fan_in_fan_out,
-                ) if not any(self.lora_bias[a] for a in active) else self._composite_forward(x, active)
-            if len(active) == 1 and self._dropout_p(active[0]) == 0.0:
-                a = active[0]
-                return dora_linear(
-                    x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                    self.lora_magnitude_vector[a].weight, self.get_weight_norm(a), self.scaling[a], self.fan_in_fan_out,
-                )
+            y = self._fused_forward(x, active)
+            if y is not None:
+                return y
         return self._composite_forward(x, active, *args, **kwargs)
+
+    def _fused_forward(self, x: torch.Tensor, active: list[str]) -> Optional[torch.Tensor]:
+        """One fused op for the active adapters, or None where PEFT's formula is needed
+        (lora_bias, several DoRA adapters, dropout under DoRA)."""
+        base = self.base_layer
+        if any(self.lora_bias[a] for a in active):
+            return None
+        if not any(a in self.lora_magnitude_vector for a in active):
+            return lora_linear(
+                x, base.weight, base.bias, [self.lora_A[a].weight for a in active],
+                [self.lora_B[a].weight for a in active], [self.scaling[a] for a in active],
+                [self._dropout_p(a) for a in active], self.fan_in_fan_out,
+            )
+        if len(active) == 1 and self._dropout_p(active[0]) == 0.0:
+            a = active[0]
+            return dora_linear(
+                x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                self.lora_magnitude_vector[a].weight, self.get_weight_norm(a), self.scaling[a], self.fan_in_fan_out,
+            )
+        return None
 
     def _composite_forward(self, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch.Tensor:
         """PEFT's formula step by step (several DoRA adapters, dropout under DoRA, lora_bias, hooks)."""
@@ -344,7 +356,7 @@ class Linear(nn.Module, LoraLayer):
                 result = result + B(A(drop(xa))) * s
                 continue
             base = self.get_base_layer()
-            w = transpose(base.weight, self.fan_in_fan_out).to(xa.dtype)
+            w = transpose(self._dense_weight(), self.fan_in_fan_out).to(xa.dtype)
             if isinstance(drop, nn.Identity) or not self.training:
                 base_result = result if base.bias is None else result - base.bias
             else:

@@ -15,11 +15,16 @@ from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPIN
 from ...utils.other import ModulesToSaveWrapper, _get_submodules, get_pattern_key, is_conv1d
 from ..tuners_utils import BaseTuner, BaseTunerLayer
 from .config import LoraConfig
+from .bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
 from .layer import Conv1d, Conv2d, Embedding, Linear, LoraLayer
 
 
 def _new_lora_module(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs) -> nn.Module:
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if is_bnb_4bit(base):  # before nn.Linear: bitsandbytes' layers subclass it
+        return Linear4bit(target, adapter_name, **kwargs)
+    if is_bnb_8bit(base):
+        return Linear8bitLt(target, adapter_name, **kwargs)
     if isinstance(base, nn.Embedding):
         return Embedding(target, adapter_name, **kwargs)
     if isinstance(base, nn.Conv2d):

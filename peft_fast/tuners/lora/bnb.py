@@ -1,0 +1,143 @@
+"""LoRA / DoRA on bitsandbytes' quantized linear layers (PEFT: peft.tuners.lora.bnb).
+
+`Linear4bit` (QLoRA, Dettmers et al., 2023, arXiv:2305.14314): plain LoRA on an NF4 weight
+runs the fused QLoRA op (4-bit weight decoded in the GEMM for small batches, dequantized into
+a reused buffer otherwise, never kept for backward); DoRA, FP4 weights, hooks or dtype
+mismatches take PEFT's formula around bitsandbytes' own matmul. `Linear8bitLt`: PEFT's
+formula (reference path). Merging dequantizes, adds the delta and quantizes again, as PEFT.
+bitsandbytes is imported only when one of these layers is built.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ...functional import qlora_linear
+from ...triton_kernels.nf4 import NF4Operand
+from .layer import Linear
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def is_bnb_8bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes")
+
+
+def _param_kwargs(weight, cls) -> dict:
+    """Constructor kwargs of a bnb parameter class taken from an existing parameter."""
+    import inspect
+
+    names = set(inspect.signature(cls.__new__).parameters) | set(inspect.signature(cls.__init__).parameters)
+    kw = {k: v for k, v in weight.__dict__.items() if k in names and not k.startswith("_") and k != "data"}
+    if "bnb_quantized" in names:
+        kw["bnb_quantized"] = False
+    kw["requires_grad"] = False
+    return kw
+
+
+class Linear4bit(Linear):
+    """LoRA on `bitsandbytes.nn.Linear4bit` (same attributes and state-dict keys as PEFT)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        kwargs.pop("fan_in_fan_out", None)
+        kwargs.pop("is_target_conv_1d_layer", None)
+        super().__init__(base_layer, adapter_name, fan_in_fan_out=False, **kwargs)
+
+    # -- the 4-bit weight ------------------------------------------------------------------------
+    def nf4_operand(self) -> Optional[NF4Operand]:
+        """The NF4 weight as kernel operand (shares the packed storage), or None for FP4 or an
+        unquantized weight. Cached until the parameter or its quant state is replaced."""
+        w = self.get_base_layer().weight
+        qs = getattr(w, "quant_state", None)
+        if qs is None or getattr(qs, "quant_type", None) != "nf4":
+            return None
+        key = (w.data_ptr(), id(qs))
+        hit = self._caches.get("nf4_operand")
+        if hit is None or hit[0] != key:
+            from ...quant import nf4_from_bnb
+
+            q = nf4_from_bnb(w)
+            hit = (key, NF4Operand(q.packed, q.absmax, q.code, tuple(q.shape), q.dtype, q.blocksize, q.offset,
+                                   q.absmax2, q.code2, q.blocksize2))
+            self._caches["nf4_operand"] = hit
+        return hit[1]
+
+    def _dense_weight(self) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        w = self.get_base_layer().weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).detach()
+
+    def _base_weight_data(self) -> torch.Tensor:
+        return self._dense_weight()
+
+    def _set_base_weight_data(self, new_w: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        warnings.warn("Merging LoRA into a 4-bit linear layer may change generations slightly (rounding).")
+        base = self.get_base_layer()
+        w = base.weight
+        base.weight = bnb.nn.Params4bit(new_w.to("cpu"), **_param_kwargs(w, bnb.nn.Params4bit)).to(w.device)
+        self._caches.pop("nf4_operand", None)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _fusable(self, x: torch.Tensor, args, kwargs) -> bool:
+        base = self.base_layer
+        op = self.nf4_operand() if is_bnb_4bit(base) else None
+        compute = getattr(base, "compute_dtype", None)
+        return (
+            op is not None and not args and not kwargs
+            and not base._forward_hooks and not base._forward_pre_hooks
+            and x.dtype == op.dtype and (compute is None or compute == x.dtype)
+            and x.shape[-1] == self.in_features
+        )
+
+    def _fused_forward(self, x: torch.Tensor, active: list[str]) -> Optional[torch.Tensor]:
+        if any(a in self.lora_magnitude_vector or self.lora_bias[a] for a in active):
+            return None
+        return qlora_linear(
+            x, self.nf4_operand(), self.base_layer.bias, [self.lora_A[a].weight for a in active],
+            [self.lora_B[a].weight for a in active], [self.scaling[a] for a in active],
+            [self._dropout_p(a) for a in active],
+        )
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__().removeprefix("lora.")
+
+
+class Linear8bitLt(Linear):
+    """LoRA on `bitsandbytes.nn.Linear8bitLt`: PEFT's formula around bitsandbytes' int8 matmul."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        kwargs.pop("fan_in_fan_out", None)
+        kwargs.pop("is_target_conv_1d_layer", None)
+        super().__init__(base_layer, adapter_name, fan_in_fan_out=False, **kwargs)
+
+    def _dense_weight(self) -> torch.Tensor:
+        w = self.get_base_layer().weight
+        scb = getattr(w, "SCB", None)
+        if scb is None:  # still unquantized (has_fp16_weights)
+            return w.data.detach()
+        return (w.data.float() * (scb.float().view(-1, 1) / 127.0)).detach()
+
+    def _base_weight_data(self) -> torch.Tensor:
+        return self._dense_weight()
+
+    def _set_base_weight_data(self, new_w: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        warnings.warn("Merging LoRA into an 8-bit linear layer may change generations slightly (rounding).")
+        base = self.get_base_layer()
+        w = base.weight
+        base.weight = bnb.nn.Int8Params(new_w.to("cpu"), requires_grad=False,
+                                        has_fp16_weights=getattr(w, "has_fp16_weights", False)).to(w.device)
+        if getattr(base, "state", None) is not None and hasattr(base.state, "reset_grads"):
+            base.state.reset_grads()
+
+    def _fusable(self, x, args, kwargs) -> bool:
+        return False
