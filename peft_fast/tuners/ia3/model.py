@@ -11,7 +11,9 @@ from ...utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
 from ...utils.other import is_conv1d
+from ..lora.bnb import is_bnb_4bit, is_bnb_8bit
 from ..tuners_utils import BaseTuner, BaseTunerLayer
+from .bnb import Linear4bit, Linear8bitLt
 from .config import IA3Config
 from .layer import Conv2d, IA3Layer, Linear
 
@@ -40,6 +42,11 @@ class IA3Model(BaseTuner):
             return bool(re.fullmatch(config.feedforward_modules, key))
         return any(key.endswith(t) for t in config.feedforward_modules)
 
+    def _check_merge_allowed(self) -> None:
+        for bits in (8, 4):  # as PEFT: quantized weights cannot absorb the IA3 vectors
+            if getattr(self.model, f"is_loaded_in_{bits}bit", False):
+                raise ValueError(f"Cannot merge ia3 layers when the model is loaded in {bits}-bit mode")
+
     def _create_and_replace(self, ia3_config, adapter_name, target, target_name, parent, current_key):
         is_ff = self._check_target_module_feedforward(ia3_config, current_key)
         if isinstance(target, IA3Layer):
@@ -48,7 +55,11 @@ class IA3Model(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         kw = dict(is_feedforward=is_ff, init_ia3_weights=ia3_config.init_ia3_weights,
                   inference_mode=ia3_config.inference_mode)
-        if isinstance(base, nn.Conv2d):
+        if is_bnb_4bit(base):  # before nn.Linear: bitsandbytes' layers subclass it
+            new = Linear4bit(target, adapter_name, **kw)
+        elif is_bnb_8bit(base):
+            new = Linear8bitLt(target, adapter_name, **kw)
+        elif isinstance(base, nn.Conv2d):
             new = Conv2d(target, adapter_name, **kw)
         elif isinstance(base, nn.Linear):
             if ia3_config.fan_in_fan_out:
