@@ -185,7 +185,7 @@ def test_merge_and_unload_4bit_matches_peft(tiny_dir, method):
                        y_base))
     (ya_r, ym_r, w_r, _), (ya_f, ym_f, w_f, yb_f) = merged
     torch.testing.assert_close(w_f, w_r, rtol=1e-5, atol=1e-6)  # same 4-bit codes; absmax may differ in the last bit
-    torch.testing.assert_close(ym_f, ym_r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ym_f, ym_r, rtol=1e-3, atol=5e-5)
     # up to requantization error the merged model computes the adapter model, not the base one
     assert (ym_f - ya_f).norm() < 0.5 * (yb_f - ya_f).norm()
 
