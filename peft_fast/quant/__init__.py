@@ -1,0 +1,30 @@
+"""Quantized weight formats (pure PyTorch; bitsandbytes optional at run time).
+
+`NF4Weight` holds a QLoRA NF4 weight (Dettmers et al., 2023, arXiv:2305.14314) in
+bitsandbytes' exact storage format: `quantize_nf4` and `dequantize_nf4_ref` are bit-identical
+to bitsandbytes on CPU, `nf4_from_bnb` wraps a `bnb.nn.Linear4bit` without a copy and
+`to_bnb_params` goes back (the only function that imports bitsandbytes).
+"""
+from .blockwise8 import create_dynamic_map, dequantize_blockwise8, quantize_blockwise8
+from .nf4 import (
+    NF4_BLOCKSIZES,
+    NF4_CODE,
+    NF4Weight,
+    dequantize_nf4_ref,
+    nf4_from_bnb,
+    quantize_nf4,
+    to_bnb_params,
+)
+
+__all__ = [
+    "NF4_BLOCKSIZES",
+    "NF4_CODE",
+    "NF4Weight",
+    "create_dynamic_map",
+    "dequantize_blockwise8",
+    "dequantize_nf4_ref",
+    "nf4_from_bnb",
+    "quantize_blockwise8",
+    "quantize_nf4",
+    "to_bnb_params",
+]
