@@ -36,6 +36,8 @@ from .tuners.ia3.config import IA3Config
 from .tuners.ia3.model import IA3Model
 from .tuners.lora.config import LoraConfig, LoraRuntimeConfig
 from .tuners.lora.model import LoraModel
+from .trainer_integration import install_trainer_integration, uninstall_trainer_integration
+from .utils.other import prepare_model_for_kbit_training
 from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
@@ -47,6 +49,13 @@ __all__ = [
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftType", "TaskType", "get_nb_trainable_parameters", "get_peft_config", "get_peft_model",
-    "get_peft_model_state_dict", "inject_adapter_in_model", "load_peft_weights", "print_trainable_parameters",
-    "set_peft_model_state_dict",
+    "get_peft_model_state_dict", "inject_adapter_in_model", "install_trainer_integration", "load_peft_weights",
+    "prepare_model_for_kbit_training", "print_trainable_parameters", "set_peft_model_state_dict",
+    "uninstall_trainer_integration",
 ]
+
+# transformers' Trainer recognises peft_fast models as PEFT models (reversible; see trainer_integration.py).
+from .trainer_integration import _install_from_env as _install_trainer_integration_from_env
+
+_install_trainer_integration_from_env()
+del _install_trainer_integration_from_env

@@ -127,5 +127,7 @@ def nf4_dequantize(w: NF4Operand, out: Optional[Tensor] = None) -> Tensor:
     dst = torch.empty(w.shape, dtype=torch.float32, device=out.device) \
         if interpreting() and out.dtype == torch.bfloat16 else out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _nf4_dequant_kernel[grid](*nf4_kernel_args(w), dst, n, w.blocksize, w.blocksize2, DOUBLE_QUANT=w.double_quant)
+    # no fused multiply-add: bitsandbytes rounds code2 * absmax2 before adding the offset
+    _nf4_dequant_kernel[grid](*nf4_kernel_args(w), dst, n, w.blocksize, w.blocksize2, DOUBLE_QUANT=w.double_quant,
+                              enable_fp_fusion=False)
     return out.copy_(dst) if dst is not out else out
