@@ -40,6 +40,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..triton_kernels.nf4 import NF4Operand, nf4_dequantize_ref
 from .blockwise8 import create_dynamic_map, dequantize_blockwise8, quantize_blockwise8
 
 Tensor = torch.Tensor
@@ -170,6 +171,11 @@ class NF4Weight:
                                        self.blocksize2, torch.float32)
         return scales + self.offset.float().reshape(())
 
+    def operand(self) -> NF4Operand:
+        """The kernel-level view (triton_kernels.nf4.NF4Operand) of the same tensors."""
+        return NF4Operand(self.packed, self.absmax, self.code, tuple(self.shape), self.dtype, self.blocksize,
+                          self.offset, self.absmax2, self.code2, self.blocksize2)
+
     def dequantize(self) -> Tensor:
         """[out, in] in `dtype`; = `dequantize_nf4_ref(self)`."""
         return dequantize_nf4_ref(self)
@@ -234,18 +240,10 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, compress_statistics: bool 
 def dequantize_nf4_ref(w: NF4Weight, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """[out, in] in `out_dtype` (default w.dtype): fp32 code[q] * true_absmax[block], then one
     cast; bit-identical to `bitsandbytes.functional.dequantize_4bit(packed, quant_state)`.
-    Pure PyTorch on w's device: the oracle for the Triton dequant kernel and the CPU path."""
+    Pure PyTorch on w's device (the reference of the Triton dequant kernel, triton_kernels/nf4.py)."""
     dtype = w.dtype if out_dtype is None else out_dtype
     _check_dtype(dtype, "dequantize_nf4_ref")
-    n, bs, n_blocks = w.numel, w.blocksize, w.n_blocks
-    p = w.packed.reshape(-1)
-    q = torch.stack((p >> 4, p & 0xF), dim=1).reshape(-1)[:n].long()  # [n]
-    vals = w.code.float()[q]
-    if n_blocks * bs != n:  # the partial last block: pad to whole blocks, cut after scaling
-        vals = F.pad(vals, (0, n_blocks * bs - n))
-    vals = vals.view(n_blocks, bs)
-    out = (vals * w.true_absmax().reshape(n_blocks, 1)).reshape(-1)[:n]
-    return out.view(w.shape).to(dtype)
+    return nf4_dequantize_ref(w.operand()._replace(dtype=dtype))
 
 
 def _bnb_param_and_state(obj: Any) -> tuple[Any, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...functional import qlora_linear
-from ...triton_kernels.nf4 import NF4Operand
+from ...triton_kernels.nf4 import NF4Operand  # noqa: F401  (type of nf4_operand())
 from .layer import Linear
 
 
@@ -40,13 +40,21 @@ def _param_kwargs(weight, cls) -> dict:
     return kw
 
 
-class Linear4bit(Linear):
-    """LoRA on `bitsandbytes.nn.Linear4bit` (same attributes and state-dict keys as PEFT)."""
+class _QuantizedLinear(Linear):
+    """Shared by the bitsandbytes layers: never fan_in_fan_out; merging goes through a dense
+    copy of the weight (`_dense_weight`) and quantizes the result again."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         kwargs.pop("fan_in_fan_out", None)
         kwargs.pop("is_target_conv_1d_layer", None)
         super().__init__(base_layer, adapter_name, fan_in_fan_out=False, **kwargs)
+
+    def _base_weight_data(self) -> torch.Tensor:
+        return self._dense_weight()
+
+
+class Linear4bit(_QuantizedLinear):
+    """LoRA on `bitsandbytes.nn.Linear4bit` (same attributes and state-dict keys as PEFT)."""
 
     # -- the 4-bit weight ------------------------------------------------------------------------
     def nf4_operand(self) -> Optional[NF4Operand]:
@@ -61,9 +69,7 @@ class Linear4bit(Linear):
         if hit is None or hit[0] != key:
             from ...quant import nf4_from_bnb
 
-            q = nf4_from_bnb(w)
-            hit = (key, NF4Operand(q.packed, q.absmax, q.code, tuple(q.shape), q.dtype, q.blocksize, q.offset,
-                                   q.absmax2, q.code2, q.blocksize2))
+            hit = (key, nf4_from_bnb(w).operand())
             self._caches["nf4_operand"] = hit
         return hit[1]
 
@@ -72,9 +78,6 @@ class Linear4bit(Linear):
 
         w = self.get_base_layer().weight
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).detach()
-
-    def _base_weight_data(self) -> torch.Tensor:
-        return self._dense_weight()
 
     def _set_base_weight_data(self, new_w: torch.Tensor) -> None:
         import bitsandbytes as bnb
@@ -110,13 +113,8 @@ class Linear4bit(Linear):
         return "lora." + super().__repr__().removeprefix("lora.")
 
 
-class Linear8bitLt(Linear):
+class Linear8bitLt(_QuantizedLinear):
     """LoRA on `bitsandbytes.nn.Linear8bitLt`: PEFT's formula around bitsandbytes' int8 matmul."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        kwargs.pop("fan_in_fan_out", None)
-        kwargs.pop("is_target_conv_1d_layer", None)
-        super().__init__(base_layer, adapter_name, fan_in_fan_out=False, **kwargs)
 
     def _dense_weight(self) -> torch.Tensor:
         w = self.get_base_layer().weight
@@ -124,9 +122,6 @@ class Linear8bitLt(Linear):
         if scb is None:  # still unquantized (has_fp16_weights)
             return w.data.detach()
         return (w.data.float() * (scb.float().view(-1, 1) / 127.0)).detach()
-
-    def _base_weight_data(self) -> torch.Tensor:
-        return self._dense_weight()
 
     def _set_base_weight_data(self, new_w: torch.Tensor) -> None:
         import bitsandbytes as bnb
