@@ -38,7 +38,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..triton_kernels.nf4 import NF4Operand, nf4_dequantize_ref
 from .blockwise8 import create_dynamic_map, dequantize_blockwise8, quantize_blockwise8
