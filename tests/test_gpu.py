@@ -179,3 +179,61 @@ def test_path_choice_is_measured_on_cuda():
     lora_linear(x, W, None, [torch.randn(16, 1024, device=DEV)], [torch.randn(1024, 16, device=DEV)], [1.0], [0.0])
     rec = [r for r in ops.path_choices() if r["op"] == "lora_fwd"]
     assert rec and rec[0]["reason"] == "measured" and set(rec[0]["ms"]) == {"triton", "torch"}
+
+
+# ---------------------------------------------------------------- QLoRA on the device
+def test_nf4_dequant_cuda_matches_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft_fast.quant import nf4_from_bnb
+    from peft_fast.triton_kernels.nf4 import nf4_dequantize
+
+    for dq in (False, True):
+        lin = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                compress_statistics=dq)
+        lin.weight = bnb.nn.Params4bit(torch.randn(1024, 4096).to(torch.bfloat16), requires_grad=False,
+                                       quant_type="nf4", compress_statistics=dq)
+        lin = lin.to(DEV)
+        expected = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+        got = nf4_dequantize(nf4_from_bnb(lin).operand())
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", [1, 16, 4096])
+def test_qlora_layer_parity_with_peft_cuda(M):
+    bnb = pytest.importorskip("bitsandbytes")
+    import peft
+
+    import peft_fast
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(2048, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                          compress_statistics=True)
+            self.proj.weight = bnb.nn.Params4bit((torch.randn(1024, 2048) * 0.02).to(torch.bfloat16),
+                                                 requires_grad=False, quant_type="nf4", compress_statistics=True)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    base = One().to(DEV)
+    x = torch.randn(M, 2048, device=DEV, dtype=torch.bfloat16)
+    outs = []
+    for lib in (peft, peft_fast):
+        m = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=16, target_modules=["proj"],
+                                                                   init_lora_weights="gaussian")).train()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.float().pow(2).sum().backward()
+        outs.append((y.float().detach(), xi.grad.float(), {n: p.grad.float() for n, p in m.named_parameters()
+                                                          if p.grad is not None}))
+    (yr, dxr, gr), (yf, dxf, gf) = outs
+    torch.testing.assert_close(yf, yr, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dxf, dxr, rtol=5e-2, atol=5e-2 * dxr.abs().max().item())
+    for k in gr:
+        torch.testing.assert_close(gf[k], gr[k], rtol=5e-2, atol=5e-2 * gr[k].abs().max().item(), msg=k)

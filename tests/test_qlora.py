@@ -249,3 +249,26 @@ def test_qlora_op_matches_reference_with_dropout():
     torch.testing.assert_close(dx1, dx2)
     for a, c in zip(g1, g2):
         torch.testing.assert_close(a, c)
+
+
+def test_fp4_weights_take_peft_formula_and_match_peft(tiny_dir):
+    import peft
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(8))
+    res = []
+    for lib in (peft, peft_fast):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = LlamaForCausalLM.from_pretrained(tiny_dir, quantization_config=q, dtype=torch.float32).train()
+        torch.manual_seed(1)
+        m = lib.get_peft_model(base, config_for(lib, "lora"))
+        randomise(m)
+        if lib is peft_fast:
+            assert m.base_model.model.model.layers[0].self_attn.q_proj.nf4_operand() is None  # FP4: no NF4 kernel
+        res.append(run(m, ids))
+    (lr, gr), (lf, gf) = res
+    torch.testing.assert_close(lf, lr, rtol=1e-4, atol=1e-5)
+    for k in gr:
+        torch.testing.assert_close(gf[k], gr[k], rtol=1e-3, atol=1e-6 * max(1.0, gr[k].abs().max().item()), msg=k)
