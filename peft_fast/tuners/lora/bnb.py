@@ -58,12 +58,13 @@ class Linear4bit(_QuantizedLinear):
 
     # -- the 4-bit weight ------------------------------------------------------------------------
     def nf4_operand(self) -> Optional[NF4Operand]:
-        """The NF4 weight as kernel operand (shares the packed storage), or None for FP4 or an
-        unquantized weight. Cached until the parameter or its quant state is replaced."""
+        """The NF4 weight as kernel operand (shares the packed storage), or None when the fused
+        op cannot read it. Cached until the parameter or its quant state is replaced."""
         w = self.get_base_layer().weight
         qs = getattr(w, "quant_state", None)
-        if qs is None or getattr(qs, "quant_type", None) != "nf4":
-            return None
+        if (qs is None or getattr(qs, "quant_type", None) != "nf4" or getattr(qs, "packing_format_for_cpu", False)
+                or not getattr(w, "bnb_quantized", True)):
+            return None  # FP4, not quantized yet, or repacked by bitsandbytes' CPU kernel: PEFT's formula
         key = (w.data_ptr(), id(qs))
         hit = self._caches.get("nf4_operand")
         if hit is None or hit[0] != key:
