@@ -19,3 +19,27 @@ def base_param_grads(ctx, dy: torch.Tensor, x: torch.Tensor, weight_idx: int, bi
     if ctx.needs_input_grad[bias_idx]:
         db = dy.sum(0)
     return dW, db
+
+
+def fold_tensor_scaling(lora_B: torch.Tensor, scaling):
+    """(B, s) for the fused ops, which take s as a Python float: a 0-dim tensor s (scalings after
+    `utils.hotswap.prepare_model_for_compiled_hotswap`) becomes (B * s, 1.0).
+
+    float(s) would read the value on the host, a graph break under torch.compile (and a graph
+    specialised on the value); B * s stays in the graph, so a hot-swapped alpha (s.fill_) needs no
+    recompile. Exact in autograd: the op sees B' = s B, and dB = s dB' flows through the product.
+    Costs one [N, r] product per call, only for tensor scalings; floats pass through untouched.
+    """
+    if isinstance(scaling, torch.Tensor):
+        return lora_B * scaling, 1.0
+    return lora_B, scaling
+
+
+def fold_tensor_scalings(lora_B, scaling):
+    """fold_tensor_scaling over the adapters of one call: (list of B, list of float s)."""
+    Bs, ss = [], []
+    for B, s in zip(lora_B, scaling):
+        B, s = fold_tensor_scaling(B, s)
+        Bs.append(B)
+        ss.append(s)
+    return Bs, ss

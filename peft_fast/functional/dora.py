@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ._common import base_param_grads
+from ._common import base_param_grads, fold_tensor_scaling
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -50,9 +50,10 @@ def dora_linear(
     lora_B: torch.Tensor,  # [N, r]
     magnitude: torch.Tensor,  # [N]
     weight_norm: torch.Tensor,  # [N], detached
-    scaling: float,
+    scaling: float,  # or a 0-dim tensor
     fan_in_fan_out: bool = False,
 ) -> torch.Tensor:
+    lora_B, scaling = fold_tensor_scaling(lora_B, scaling)  # a 0-dim tensor scaling (hot-swap) goes into B
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not torch.is_grad_enabled() or not (

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ._common import base_param_grads
+from ._common import base_param_grads, fold_tensor_scalings
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -55,11 +55,16 @@ def lora_linear(
     bias: Optional[torch.Tensor],  # [N]
     lora_A: Sequence[torch.Tensor],  # each [r_i, K]
     lora_B: Sequence[torch.Tensor],  # each [N, r_i]
-    scaling: Sequence[float],
+    scaling: Sequence[float],  # floats, or 0-dim tensors
     dropout_p: Sequence[float],
     fan_in_fan_out: bool = False,
 ) -> torch.Tensor:
-    """[..., K] -> [..., N]; dropout_p must be 0 outside training."""
+    """[..., K] -> [..., N]; dropout_p must be 0 outside training. A scaling may be a 0-dim tensor
+    (hot-swap preparation): it is folded into its B (fold_tensor_scaling)."""
+    for s in scaling:  # a plain loop: any(<genexpr>) costs ~0.7 us per call on the float path
+        if isinstance(s, torch.Tensor):
+            lora_B, scaling = fold_tensor_scalings(lora_B, scaling)
+            break
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not torch.is_grad_enabled() or not (
