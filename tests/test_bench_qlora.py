@@ -1,0 +1,84 @@
+"""CPU smoke test of benchmarks/bench_qlora.py --quick: every part that runs on CPU writes its
+rows for every provider (dequant, one 4-bit LoRA layer, a toy Llama training step)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_qlora.py")
+
+
+def _load_bench(name="bench_qlora_under_test"):
+    spec = importlib.util.spec_from_file_location(name, BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_qlora_quick_writes_all_parts_and_providers(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    bench = _load_bench()
+    rows = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    with open(tmp_path / "qlora.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) > 0
+    meta = json.loads((tmp_path / "qlora.json").read_text())["meta"]
+    assert meta["copy_bandwidth_GBps"] > 0
+    assert isinstance(meta["path_choices"], list)
+    assert meta["c_models_identical"] is True
+    for r in csv_rows:  # "error"/"oom" fail here with the row in the message
+        assert float(r["median_ms"]) > 0, r
+
+    # part a: bitsandbytes and the torch reference (Triton only on CUDA or under the interpreter)
+    a = [r for r in csv_rows if r["part"] == "a"]
+    assert any(r["provider"] == "copy" for r in a)
+    deq = [r for r in a if r["provider"] != "copy"]
+    want_a = {"bnb", "torch_ref"} | ({"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set())
+    assert {r["provider"] for r in deq} == want_a
+    assert {(r["shape"], r["double_quant"]) for r in deq} == {("64x96", "0"), ("64x96", "1"), ("96x72", "0"),
+                                                              ("96x72", "1")}
+    for r in deq:
+        assert float(r["GB_per_s"]) > 0 and float(r["frac_copy_bw"]) > 0, r
+        assert float(r["rel_diff"]) == 0.0, r  # bit-exact vs bitsandbytes
+
+    # part b: four providers, training modes and decode, every ratio filled in
+    b = [r for r in csv_rows if r["part"] == "b"]
+    seen = {(r["mode"], r["provider"]) for r in b}
+    for mode in ("fwd", "bwd", "full", "decode"):
+        for prov in ("bnb_base", "peft_bnb", "peft_fast", "peft_fast_dense"):
+            assert (mode, prov) in seen, (mode, prov)
+    for r in b:
+        for col in ("ratio_vs_bnb_base", "ratio_vs_dense_lora", "speedup_vs_peft_bnb"):
+            assert float(r[col]) > 0, (col, r)
+        assert "not " not in r["note"], r  # peft's and peft_fast's 4-bit LoRA layers were the ones built
+        if r["mode"] == "decode" and r["provider"] in ("peft_fast", "peft_fast_dense"):
+            assert float(r["rel_diff"]) < 1e-4, r  # fp32, no dropout in eval: the same function as peft+bnb
+
+    # part c: both providers trained a toy 4-bit Llama
+    c = [r for r in csv_rows if r["part"] == "c"]
+    assert {r["provider"] for r in c} == {"peft_bnb", "peft_fast"}
+    for r in c:
+        assert float(r["tokens_per_s"]) > 0 and float(r["speedup_vs_peft_bnb"]) > 0, r
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "qlora.png").stat().st_size > 0
+
+
+def test_bench_qlora_imports_without_triton_and_exits_2_without_bitsandbytes(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    bench = _load_bench("bench_qlora_no_bnb")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert "needs bitsandbytes" in capsys.readouterr().err
