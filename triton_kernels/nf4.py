@@ -41,20 +41,41 @@ class NF4Operand(NamedTuple):
 
 
 def nf4_absmax_ref(w: NF4Operand) -> Tensor:
-    """fp32 [n_blocks]: the per-block absmax, decoding the nested 8-bit quantization if any."""
+    """fp32 [n_blocks]: the per-block absmax, decoding the nested 8-bit quantization if any
+    (code2[q] * absmax2 rounded to fp32, then + offset: two roundings, as bitsandbytes)."""
     if not w.double_quant:
         return w.absmax.float()
-    idx = torch.arange(w.absmax.numel(), device=w.absmax.device) // w.blocksize2
-    return w.code2[w.absmax.long()] * w.absmax2[idx] + w.offset.reshape(()).float()
+    nb = w.absmax.numel()
+    scale = w.absmax2.float().repeat_interleave(w.blocksize2)[:nb]
+    return torch.mul(w.code2.float()[w.absmax.long()], scale).add_(w.offset.reshape(()).float())
+
+
+_PAIR_TABLES: dict = {}
+
+
+def _pair_table(code: Tensor) -> Tensor:
+    """[256, 2] fp32: the two code values of every byte (high nibble first)."""
+    key = (code.data_ptr(), code._version, str(code.device))
+    hit = _PAIR_TABLES.get(key)
+    if hit is None:
+        b = torch.arange(256, device=code.device)
+        hit = torch.stack((code.float()[b >> 4], code.float()[b & 0xF]), dim=1)
+        if len(_PAIR_TABLES) > 16:
+            _PAIR_TABLES.clear()
+        _PAIR_TABLES[key] = hit
+    return hit
 
 
 def nf4_dequantize_ref(w: NF4Operand, out: Optional[Tensor] = None) -> Tensor:
-    """[out, in] in w.dtype (into `out` if given); bit-identical to bitsandbytes' dequantize_4bit."""
+    """[out, in] in w.dtype (into `out` if given); bit-identical to bitsandbytes' dequantize_4bit.
+    One gather per byte from a 256-entry pair table, then one multiply per block."""
     n = w.shape[0] * w.shape[1]
-    p = w.packed.reshape(-1)
-    q = torch.stack((p >> 4, p & 0xF), dim=1).reshape(-1)[:n].long()
-    absmax = nf4_absmax_ref(w)
-    vals = w.code.float()[q] * absmax.repeat_interleave(w.blocksize)[:n]
+    nb = w.absmax.numel()
+    vals = _pair_table(w.code).index_select(0, w.packed.reshape(-1).int()).reshape(-1)  # [2 * bytes]
+    full = nb * w.blocksize
+    if vals.numel() < full:
+        vals = torch.nn.functional.pad(vals, (0, full - vals.numel()))
+    vals = vals[:full].view(nb, w.blocksize).mul_(nf4_absmax_ref(w)[:, None]).view(-1)[:n]
     res = vals.view(w.shape).to(w.dtype)
     if out is not None:
         return out.copy_(res)

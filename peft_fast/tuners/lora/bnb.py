@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ... import ops
 from ...functional import qlora_linear
 from ...triton_kernels.nf4 import NF4Operand  # noqa: F401  (type of nf4_operand())
 from .layer import Linear
@@ -92,6 +93,8 @@ class Linear4bit(_QuantizedLinear):
     # -- forward -----------------------------------------------------------------------------------
     def _fusable(self, x: torch.Tensor, args, kwargs) -> bool:
         base = self.base_layer
+        if not self.training and ops.backend_for(x) == "torch":
+            return False  # CPU inference: bitsandbytes' own 4-bit kernels beat dequantize + matmul
         op = self.nf4_operand() if is_bnb_4bit(base) else None
         compute = getattr(base, "compute_dtype", None)
         return (
