@@ -11,8 +11,11 @@ TORCH_SPEC ?= torch==2.13.0
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The optional C++/CUDA extension peft_fast._C: editing its sources reinstalls (rebuilds it).
+CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+
 # torch goes in first and alone; an existing torch (e.g. a user's CUDA build) is kept.
-$(STAMP): $(PY) requirements-dev.txt pyproject.toml setup.py
+$(STAMP): $(PY) requirements-dev.txt pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -29,4 +32,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_train_step.py --steps 6 --warmup 1 --out bench_out
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info peft_fast/_C.*.so peft_fast/_C_BUILD_FAILED

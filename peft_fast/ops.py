@@ -293,3 +293,41 @@ def qlora_bwd(dy, x, nf4, lora_A, lora_B, scaling, dropout_p, xas, masks, need_d
     impl = _impl(dy)
     return impl.lora_bwd(dy, x, _nf4_weight(nf4, impl), lora_A, lora_B, scaling, dropout_p, xas, masks, False,
                          need_dx)
+
+
+# ---------------------------------------------------------------- mixed-adapter batches
+_SEGMENT_CACHE: dict = {}
+
+
+def _segments_of(token_idx: Tensor, n: int):
+    """(order, starts, counts) of a token-index tensor. The layers of one forward pass share the
+    same index tensor (layer._token_adapter_index caches it), so the metadata is computed once
+    per forward rather than once per layer."""
+    from . import _segments
+
+    key = (id(token_idx), token_idx._version, token_idx.data_ptr(), n)
+    hit = _SEGMENT_CACHE.get(key)
+    if hit is None or hit[0] is not token_idx:
+        order, counts, starts, _ = _segments.segment_metadata(token_idx, n)
+        if len(_SEGMENT_CACHE) > 16:
+            _SEGMENT_CACHE.clear()
+        hit = _SEGMENT_CACHE[key] = (token_idx, (order, starts, counts))
+    return hit[1]
+
+
+def lora_mixed(x, lora_A, lora_B, scales, token_idx, out):
+    """out [T, N] += s[i] (x A[i]^T) B[i]^T with i = token_idx[t] (-1: nothing), adapters stacked
+    [n, R, K] / [n, N, R] with zero-padded ranks. The torch path groups tokens by adapter with
+    the C++ extension's metadata and row gather (torch fallback without it); the Triton path
+    launches the segmented shrink/expand pair, or the per-token kernel for decode-sized batches."""
+    from . import _segments
+    from .triton_kernels import multi_lora as _ml
+
+    triton_path = backend_for(x) == "triton"
+    if triton_path and x.shape[0] <= _ml.DECODE_TOKENS:
+        return _ml.lora_mixed(x, lora_A, lora_B, scales, token_idx, out)
+    order, starts, counts = _segments_of(token_idx, lora_A.shape[0])
+    if triton_path:
+        return _ml.lora_mixed(x, lora_A, lora_B, scales, token_idx, out, order, starts, counts)
+    xs = _segments.gather_rows(x.to(lora_A.dtype), order)
+    return _ml.lora_mixed_ref(x, lora_A, lora_B, scales, token_idx, out, order, starts, counts, xs=xs)

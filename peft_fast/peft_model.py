@@ -132,6 +132,12 @@ class PeftModel(nn.Module):
         unknown = sorted(set(adapter_names) - known)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        # PEFT silently ignores adapter_names for methods without mixed batches; say so instead
+        other = sorted(n for n in self.peft_config if str(getattr(self.peft_config[n].peft_type, "value",
+                                                                   self.peft_config[n].peft_type)) != "LORA")
+        if other:
+            raise ValueError(f"adapter_names (mixed-adapter batches) is supported for LoRA adapters only; adapter(s) "
+                             f"{', '.join(repr(n) for n in other)} are {self.peft_config[other[0]].peft_type}")
         handles = []
 
         def pre_hook(_module, args, kw):

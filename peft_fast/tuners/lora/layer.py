@@ -16,6 +16,7 @@ from torch import nn
 
 from ... import ops
 from ...functional import dora_linear, lora_linear
+from ...functional._common import fold_tensor_scaling
 from ...utils.other import is_conv1d, transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
@@ -270,9 +271,9 @@ class Linear(nn.Module, LoraLayer):
 
     def get_weight_norm(self, adapter: str, scaling: Optional[float] = None) -> torch.Tensor:
         """||W + s B A|| per output row from the factored form (detached), [N]."""
+        B, s = fold_tensor_scaling(self.lora_B[adapter].weight, self.scaling[adapter] if scaling is None else scaling)
         return ops.dora_weight_norm(
-            self._dense_weight(), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.scaling[adapter] if scaling is None else scaling, self.fan_in_fan_out, self._weight_sqnorm(),
+            self._dense_weight(), self.lora_A[adapter].weight, B, s, self.fan_in_fan_out, self._weight_sqnorm(),
         )
 
     def _init_dora(self, adapter_name: str) -> None:
@@ -325,6 +326,49 @@ class Linear(nn.Module, LoraLayer):
                 return y
         return self._composite_forward(x, active, *args, **kwargs)
 
+    # -- mixed-adapter batches ---------------------------------------------------------------------
+    def _lora_stack(self, names: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapters `names` stacked for the multi-LoRA op: A [n, R, K], B [n, N, R] with ranks
+        zero-padded to the largest, fp32 scalings [n]. Cached until a weight or scaling changes."""
+        As = [self.lora_A[a].weight for a in names]
+        Bs = [self.lora_B[a].weight for a in names]
+        # tensor scalings (prepare_model_for_compiled_hotswap) are keyed by identity and version:
+        # reading their value would sync the device on every forward
+        skey = [(id(v), v._version) if isinstance(v, torch.Tensor) else float(v)
+                for v in (self.scaling[a] for a in names)]
+        key = (names, tuple((A.data_ptr(), A._version, B.data_ptr(), B._version, k)
+                            for A, B, k in zip(As, Bs, skey)))
+        hit = self._caches.get("lora_stack")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        R = max(A.shape[0] for A in As)
+        dtype = As[0].dtype if all(t.dtype == As[0].dtype for t in As + Bs) else torch.float32
+        A_st = As[0].new_zeros((len(names), R, self.in_features), dtype=dtype)
+        B_st = Bs[0].new_zeros((len(names), self.out_features, R), dtype=dtype)
+        with torch.no_grad():
+            for i, (A, B) in enumerate(zip(As, Bs)):
+                A_st[i, :A.shape[0]] = A
+                B_st[i, :, :B.shape[1]] = B
+        scales = torch.stack([torch.as_tensor(self.scaling[a], dtype=torch.float32, device=A_st.device).reshape(())
+                              for a in names])
+        self._caches["lora_stack"] = (key, (A_st, B_st, scales))
+        return A_st, B_st, scales
+
+    def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        """One multi-LoRA op for the whole batch (tokens grouped by adapter) instead of PEFT's
+        loop over adapters; PEFT's loop where that op does not apply."""
+        names = tuple(sorted({a for a in adapter_names if a in self.lora_A}))
+        if (not names or args or kwargs or type(self.base_layer) is not nn.Linear
+                or any(self.lora_bias[a] or a in self.lora_magnitude_vector for a in names)):
+            return LoraLayer._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x)
+        A_st, B_st, scales = self._lora_stack(names)
+        token_idx = _token_adapter_index(adapter_names, names, x.numel() // (len(adapter_names) * x.shape[-1]),
+                                         x.device)
+        out = result.reshape(-1, self.out_features)
+        ops.lora_mixed(x.reshape(-1, x.shape[-1]).to(A_st.dtype), A_st, B_st, scales, token_idx, out)
+        return out.view(result.shape)  # `out` is a view of `result` (or its reshaped copy)
+
     def _fused_forward(self, x: torch.Tensor, active: list[str]) -> Optional[torch.Tensor]:
         """One fused op for the active adapters, or None where PEFT's formula is needed
         (lora_bias, several DoRA adapters, dropout under DoRA)."""
@@ -368,6 +412,25 @@ class Linear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+_TOKEN_INDEX_CACHE: dict = {}
+
+
+def _token_adapter_index(adapter_names: list[str], names: tuple, tokens_per_sample: int,
+                         device: torch.device) -> torch.Tensor:
+    """int64 [B * tokens_per_sample]: each token's slot in `names` (-1 for "__base__" or an adapter
+    this layer lacks). Cached, so the layers of one forward share one host-to-device copy."""
+    key = (tuple(adapter_names), names, tokens_per_sample, str(device))
+    hit = _TOKEN_INDEX_CACHE.get(key)
+    if hit is None:
+        slot = {a: i for i, a in enumerate(names)}
+        per_sample = torch.tensor([slot.get(a, -1) for a in adapter_names], dtype=torch.int64)
+        hit = per_sample.repeat_interleave(tokens_per_sample).to(device)
+        if len(_TOKEN_INDEX_CACHE) > 64:
+            _TOKEN_INDEX_CACHE.clear()
+        _TOKEN_INDEX_CACHE[key] = hit
+    return hit
 
 
 class Embedding(nn.Module, LoraLayer):
