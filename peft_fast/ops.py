@@ -329,5 +329,5 @@ def lora_mixed(x, lora_A, lora_B, scales, token_idx, out):
     order, starts, counts = _segments_of(token_idx, lora_A.shape[0])
     if triton_path:
         return _ml.lora_mixed(x, lora_A, lora_B, scales, token_idx, out, order, starts, counts)
-    xs = _segments.gather_rows(x.to(lora_A.dtype), order)
-    return _ml.lora_mixed_ref(x, lora_A, lora_B, scales, token_idx, out, order, starts, counts, xs=xs)
+    return _ml.lora_mixed_ref(x, lora_A, lora_B, scales, token_idx, out, order, starts, counts,
+                              gather=_segments.gather_rows)

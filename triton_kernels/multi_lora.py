@@ -12,7 +12,7 @@ Tokens with index -1 ("__base__") get no update.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -40,20 +40,27 @@ def lora_mixed_ref(
     order: Optional[Tensor] = None,  # the segment metadata, if already computed
     starts: Optional[Tensor] = None,
     counts: Optional[Tensor] = None,
-    xs: Optional[Tensor] = None,  # x[order] in A's dtype, if already gathered
+    gather: Optional[Callable[[Tensor, Tensor], Tensor]] = None,  # rows x[index] (default index_select)
 ) -> Tensor:
     """out += s[idx] * (x A[idx]^T) B[idx]^T per token. Tokens are grouped by adapter, so each
     adapter costs two contiguous matmuls (no per-token weight gathers)."""
     if order is None:
         order, starts, counts = segments_ref(token_idx, lora_A.shape[0])
-    if xs is None:
-        xs = x.to(lora_A.dtype).index_select(0, order)
-    delta = torch.zeros((x.shape[0], lora_B.shape[1]), dtype=lora_A.dtype, device=x.device)
-    for a, (s0, c) in enumerate(zip(starts.tolist(), counts.tolist())):
+    st, ct, sc = starts.tolist(), counts.tolist(), scales.tolist()
+    n_base = x.shape[0] - sum(ct)  # "__base__" tokens come first in `order` and get nothing
+    xl = x.to(lora_A.dtype)
+    used = [a for a, c in enumerate(ct) if c]
+    if n_base == 0 and len(used) == 1:  # the whole batch on one adapter: no grouping needed
+        a = used[0]
+        upd = (xl @ lora_A[a].t()) @ lora_B[a].t()
+        return out.add_(upd.to(out.dtype), alpha=sc[a])
+    xs = (gather or (lambda t, i: t.index_select(0, i)))(xl, order)
+    delta = torch.empty((x.shape[0] - n_base, lora_B.shape[1]), dtype=lora_A.dtype, device=x.device)
+    for a, (s0, c) in enumerate(zip(st, ct)):
         if c:
-            seg = xs[s0:s0 + c]
-            delta[s0:s0 + c] = (seg @ lora_A[a].t()) @ lora_B[a].t() * float(scales[a])
-    out.index_add_(0, order, delta.to(out.dtype))
+            d = delta[s0 - n_base:s0 - n_base + c]
+            torch.mm(xs[s0:s0 + c] @ lora_A[a].t(), lora_B[a].t(), out=d).mul_(sc[a])
+    out.index_add_(0, order[n_base:], delta.to(out.dtype))
     return out
 
 

@@ -357,7 +357,7 @@ class Linear(nn.Module, LoraLayer):
     def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """One multi-LoRA op for the whole batch (tokens grouped by adapter) instead of PEFT's
         loop over adapters; PEFT's loop where that op does not apply."""
-        names = tuple(sorted({a for a in adapter_names if a in self.lora_A}))
+        names = tuple(sorted(a for a in set(adapter_names) if a in self.lora_A))
         if (not names or args or kwargs or type(self.base_layer) is not nn.Linear
                 or any(self.lora_bias[a] or a in self.lora_magnitude_vector for a in names)):
             return LoraLayer._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
