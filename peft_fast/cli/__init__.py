@@ -1,0 +1,1 @@
+"""Layer L5: the `peft-fast` command line (bench | train | env | merge)."""

@@ -1,0 +1,38 @@
+"""`peft-fast` entry point: one sub-command per module of this package.
+
+Each sub-command module exposes `add_parser(subparsers)` (registers its argparse parser and
+sets `func`) and a `run(args) -> int`; this file only dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ("bench", "train", "env", "merge")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="peft-fast",
+        description="peft_fast: side-by-side throughput benchmark vs PEFT, (Q)LoRA/DoRA/IA3 training, "
+                    "environment report, adapter merging.",
+    )
+    sub = ap.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name in COMMANDS:
+        importlib.import_module(f"peft_fast.cli.{name}").add_parser(sub)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "command", None):
+        ap.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
