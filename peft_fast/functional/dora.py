@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ._common import base_param_grads, fold_tensor_scaling
+from ._common import base_param_grads, fold_tensor_scaling, needs_autograd
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -56,10 +56,7 @@ def dora_linear(
     lora_B, scaling = fold_tensor_scaling(lora_B, scaling)  # a 0-dim tensor scaling (hot-swap) goes into B
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not torch.is_grad_enabled() or not (
-        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or magnitude.requires_grad
-        or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if not needs_autograd(x, lora_A, lora_B, magnitude, weight, bias):
         # inference: scale in place, keep nothing for backward
         y, _, _ = ops.dora_fwd(x2, weight, bias, lora_A, lora_B, scaling, magnitude, weight_norm, fan_in_fan_out, keep_pre=False)
     else:

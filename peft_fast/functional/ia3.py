@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ._common import base_param_grads
+from ._common import base_param_grads, needs_autograd
 
 
 class IA3LinearFunction(torch.autograd.Function):
@@ -46,8 +46,7 @@ def ia3_linear(
 ) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not torch.is_grad_enabled() or not (x.requires_grad or ia3_l.requires_grad or weight.requires_grad
-                                           or (bias is not None and bias.requires_grad)):
+    if not needs_autograd(x, ia3_l, weight, bias):
         y, _ = ops.ia3_fwd(x2, weight, bias, ia3_l, is_feedforward, fan_in_fan_out, keep_base=False)
     else:
         y = IA3LinearFunction.apply(x2, weight, bias, ia3_l, is_feedforward, fan_in_fan_out)
