@@ -43,6 +43,28 @@ from .save_and_load import load_peft_weights
 CONFIG_KEYS_TO_CHECK = {PeftType.LORA: ["use_rslora", "lora_dropout", "alpha_pattern", "use_dora"]}
 
 
+def _fill_padded(new_layer, lora_module, padded: torch.Tensor, weight_kind: str, bias_kind: str):
+    """Give `new_layer` the zero-padded weight and the old bias, with PEFT's shape checks and
+    messages (weight_kind / bias_kind name the layer kind as PEFT's messages do)."""
+    new_layer.weight.requires_grad_(lora_module.weight.requires_grad)
+    if new_layer.weight.shape != padded.shape:
+        raise ValueError(
+            f"Something went wrong when trying to pad the LoRA {weight_kind}, the new shape should be "
+            f"{padded.shape} but {new_layer.weight.shape} was found. Please open an issue on PEFT "
+            "(https://github.com/huggingface/peft/issues) and report this error."
+        )
+    if (lora_module.bias is not None) and (new_layer.bias.shape != lora_module.bias.shape):
+        raise ValueError(
+            f"Something went wrong when trying to pad the LoRA {bias_kind}, the new shape should be "
+            f"{lora_module.bias.shape} but {new_layer.bias.shape} was found. Please open an issue on PEFT "
+            "(https://github.com/huggingface/peft/issues) and report this error."
+        )
+    new_layer.weight.data = padded
+    if lora_module.bias is not None:
+        new_layer.bias.data = lora_module.bias.data
+    return new_layer
+
+
 def infer_device() -> str:
     """The default accelerator, as ``peft.utils.other.infer_device`` picks it."""
     if torch.cuda.is_available():
@@ -150,26 +172,7 @@ def _get_padded_linear(lora_module: torch.nn.Module, target_rank: int, is_lora_A
         padded = torch.zeros(out_features, target_rank, device=weight.device, dtype=weight.dtype)
         padded[:, :original_rank] = weight
         new_layer = torch.nn.Linear(target_rank, out_features, bias=lora_module.bias is not None)
-    new_layer.weight.requires_grad_(lora_module.weight.requires_grad)
-
-    if new_layer.weight.shape != padded.shape:
-        raise ValueError(
-            "Something went wrong when trying to pad the LoRA Linear weights, the new shape should be "
-            f"{padded.shape} but {new_layer.weight.shape} was found. Please open an issue on PEFT "
-            "(https://github.com/huggingface/peft/issues) and report this error."
-        )
-    if (lora_module.bias is not None) and (new_layer.bias.shape != lora_module.bias.shape):
-        raise ValueError(
-            "Something went wrong when trying to pad the LoRA Linear bias, the new shape should be "
-            f"{lora_module.bias.shape} but {new_layer.bias.shape} was found. Please open an issue on PEFT "
-            "(https://github.com/huggingface/peft/issues) and report this error."
-        )
-
-    new_layer.weight.data = padded
-    if lora_module.bias is not None:
-        new_layer.bias.data = lora_module.bias.data
-
-    return new_layer
+    return _fill_padded(new_layer, lora_module, padded, weight_kind="Linear weights", bias_kind="Linear bias")
 
 
 def _copy_grouped_conv2d_lora_a_weights(destination: torch.Tensor, source: torch.Tensor, groups: int) -> None:
@@ -236,26 +239,7 @@ def _get_padded_conv2d(lora_module: torch.nn.Module, target_rank: int, is_lora_A
             bias=lora_module.bias is not None,
             groups=groups,
         )
-    new_layer.weight.requires_grad_(lora_module.weight.requires_grad)
-
-    if new_layer.weight.shape != padded.shape:
-        raise ValueError(
-            "Something went wrong when trying to pad the LoRA  weights, the new shape should be "
-            f"{padded.shape} but {new_layer.weight.shape} was found. Please open an issue on PEFT "
-            "(https://github.com/huggingface/peft/issues) and report this error."
-        )
-    if (lora_module.bias is not None) and (new_layer.bias.shape != lora_module.bias.shape):
-        raise ValueError(
-            "Something went wrong when trying to pad the LoRA Conv2d bias, the new shape should be "
-            f"{lora_module.bias.shape} but {new_layer.bias.shape} was found. Please open an issue on PEFT "
-            "(https://github.com/huggingface/peft/issues) and report this error."
-        )
-
-    new_layer.weight.data = padded
-    if lora_module.bias is not None:
-        new_layer.bias.data = lora_module.bias.data
-
-    return new_layer
+    return _fill_padded(new_layer, lora_module, padded, weight_kind=" weights", bias_kind="Conv2d bias")
 
 
 def _pad_lora_weights(model: torch.nn.Module, target_rank: int) -> bool:
