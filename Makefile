@@ -29,7 +29,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q --timeout=900 -m interp tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_cpu_train_step.py --steps 6 --warmup 1 --out bench_out
+	$(VENV)/bin/peft-fast bench --out bench_out
 
 clean:
 	rm -rf $(VENV) build *.egg-info peft_fast/_C.*.so peft_fast/_C_BUILD_FAILED

@@ -1,9 +1,13 @@
 """Training-step throughput of peft_fast vs peft vs the frozen base model, side by side.
 
-One process, providers interleaved step by step after a warm-up, so machine noise hits all
-of them alike. Default workload (issue #2): a Llama-shaped model built from a config
-(hidden 512, intermediate 1376, 4 layers, vocab 4096), batch 4 x seq 256, fp32, one CPU thread, r=16 on all linear layers;
-LoRA with lora_dropout 0.05, DoRA with 0; IA3 on k_proj, v_proj, down_proj.
+A thin wrapper over the training workload of `peft-fast bench` (peft_fast/cli/_bench_*.py),
+kept for its command line and its result files (cpu_train_step.{csv,json,png}, rows appended
+to the CSV with the columns of the earlier results). `peft-fast bench` is the main entry point;
+this script adds free model dimensions and --clock. It times the train step only (no forward
+phase). Default workload (issue #2): a Llama-shaped model built from a config (hidden 512,
+intermediate 1376, 4 layers, vocab 4096), batch 4 x seq 256, fp32, one CPU thread, r=16 on all
+linear layers; LoRA with lora_dropout 0.05, DoRA with 0; IA3 on k_proj, v_proj, down_proj.
+Adapter weights are randomised (the same for peft and peft_fast), the frozen weights shared.
 
 Reported per method: median step time (p20/p80), the ratio to the frozen base model's
 fwd+bwd, the speed-up over peft, and the bytes of activations kept for backward (unique
@@ -14,140 +18,58 @@ storages saved by autograd during the forward: the memory a step holds at its pe
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
-import time
 import warnings
+from types import SimpleNamespace
 
-import torch
+try:
+    import peft_fast as _installed  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # run from a checkout without an install
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bar_plot, device_name, now, quantiles, versions, write_rows  # noqa: E402
+import torch  # noqa: E402
 
-warnings.filterwarnings("ignore")
-
-
-def build_base(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-                      max_position_embeddings=max(args.seq, 512))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, args.dtype))
-    model.config.use_cache = False
-    return model
+from peft_fast.cli._bench_common import bar_plot, device_name, now, versions, write_rows  # noqa: E402
+from peft_fast.cli._bench_model import build_llama  # noqa: E402
+from peft_fast.cli._bench_run import Clock  # noqa: E402
+from peft_fast.cli._bench_workload import rows_from, run_train  # noqa: E402
 
 
-def method_config(lib, method: str, r: int):
-    if method == "lora":
-        return lib.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    if method == "dora":
-        return lib.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, use_dora=True, target_modules="all-linear",
-                              task_type="CAUSAL_LM")
-    if method == "ia3":
-        return lib.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                             task_type="CAUSAL_LM")
-    raise ValueError(f"unknown method {method!r}")
-
-
-def prepare(model, trainable: bool):
-    if not trainable:  # the frozen base model: no weight gradients, only the backward to the input
-        model.requires_grad_(False)
-    model.train()
-    model.enable_input_require_grads()  # the base model then also runs its full backward
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if (trainable and params) else None
-    return model, opt
-
-
-def make_step(model, opt, batch):
-    def step():
-        out = model(**batch)
-        out.loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            model.zero_grad(set_to_none=True)
-    return step
-
-
-def saved_activation_bytes(model, batch) -> int:
-    """Bytes of the unique storages autograd keeps for backward during one forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.numel():
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**batch)
-    out.loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values())
-
-
-def run(args) -> list[dict]:
+def run(args) -> tuple:
     import peft
+
     import peft_fast
 
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    base = build_base(args)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    batch = {"input_ids": ids, "labels": ids}
-    providers = {"base": prepare(copy.deepcopy(base), trainable=False)}
-    for method in args.methods:
-        for name, lib in (("peft", peft), ("peft_fast", peft_fast)):
-            torch.manual_seed(2)
-            m = lib.get_peft_model(copy.deepcopy(base), method_config(lib, method, args.rank))
-            providers[f"{method}:{name}"] = prepare(m, trainable=True)
-    steps = {k: make_step(m, o, batch) for k, (m, o) in providers.items()}
-    mem = {k: saved_activation_bytes(m, batch) for k, (m, _) in providers.items()}
-    for _ in range(args.warmup):
-        for s in steps.values():
-            s()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    try:
-        from tqdm.auto import tqdm
-        rng = tqdm(range(args.steps), desc="interleaved steps", leave=False)
-    except ImportError:
-        rng = range(args.steps)
-    order = list(steps)
-    # CPU time of this (single-threaded) process: unaffected by other load on the machine
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    for i in rng:
-        for k in order[i % len(order):] + order[: i % len(order)]:  # rotate who goes first
-            t0 = clock()
-            steps[k]()
-            times[k].append(clock() - t0)
-    base_t = quantiles(times["base"])["median"]
-    meta = {"device": device_name(), "date": now(), "versions": versions(), "threads": args.threads,
+    device = torch.device("cpu")
+    spec = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab)
+    dtype = getattr(torch, args.dtype)
+    base = build_llama(spec, dtype, device, args.seq)
+    base.requires_grad_(False)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    cfg = SimpleNamespace(device=device, dtype=dtype, batch=args.batch, seq=args.seq, rank=args.rank, targets=None,
+                          steps=args.steps, warmup=args.warmup, clock=Clock(device, args.threads, args.clock),
+                          progress=True, qlora_problem=None, batch_tensors={"input_ids": ids, "labels": ids})
+    providers = run_train(cfg, base, {"peft": peft, "peft_fast": peft_fast}, args.methods, print, phases=("train",))
+    meta = {"device": device_name(device), "date": now(), "versions": versions(), "threads": args.threads,
             "shape": f"llama h{args.hidden} i{args.intermediate} L{args.layers} V{args.vocab} b{args.batch}x{args.seq}",
             "dtype": args.dtype, "rank": args.rank, "clock": args.clock}
+    new = rows_from(providers, cfg, {}, base, train_phases=("train",))
     rows = []
-    for k, ts in times.items():
-        q = quantiles(ts)
-        method, _, provider = k.partition(":")
+    for r in new:  # the columns of the earlier cpu_train_step results
+        if r["status"] != "ok":
+            raise RuntimeError(f"{r['method']}:{r['provider']}: {r['note']}")
         rows.append({
             "date": meta["date"], "device": meta["device"], "torch": meta["versions"]["torch"],
             "peft": meta["versions"]["peft"], "shape": meta["shape"], "dtype": args.dtype, "threads": args.threads,
-            "clock": args.clock, "method": method if provider else "base", "provider": provider or "base",
-            "step_ms": round(q["median"] * 1e3, 2), "p20_ms": round(q["p20"] * 1e3, 2), "p80_ms": round(q["p80"] * 1e3, 2),
-            "ratio_vs_base": round(q["median"] / base_t, 3), "saved_act_MiB": round(mem[k] / 2**20, 1),
-            "tokens_per_s": round(args.batch * args.seq / q["median"], 1),
+            "clock": args.clock, "method": r["method"], "provider": r["provider"], "step_ms": round(r["median_ms"], 2),
+            "p20_ms": round(r["p20_ms"], 2), "p80_ms": round(r["p80_ms"], 2), "ratio_vs_base": r["time_vs_base"],
+            "saved_act_MiB": r["peak_mem_MiB"], "tokens_per_s": r["tokens_per_s"],
+            "speedup_vs_peft": r["speedup_vs_peft"] if r["provider"] != "base" else "",
         })
-    for method in args.methods:
-        p = next(r for r in rows if r["method"] == method and r["provider"] == "peft")
-        f = next(r for r in rows if r["method"] == method and r["provider"] == "peft_fast")
-        f["speedup_vs_peft"] = round(p["step_ms"] / f["step_ms"], 3)
-        p["speedup_vs_peft"] = 1.0
-    for r in rows:
-        r.setdefault("speedup_vs_peft", "")
     return rows, meta
 
 
@@ -191,12 +113,11 @@ def main(argv=None):
     print_table(rows, meta)
     if args.out:
         stem = "cpu_train_step"
-        csv_path, json_path = write_rows(args.out, stem, rows, meta)
-        methods = args.methods
+        csv_path, json_path = write_rows(args.out, stem, rows, meta, append=True)
         series = {prov: [next(r["ratio_vs_base"] for r in rows if r["method"] == m and r["provider"] == prov)
-                         for m in methods] for prov in ("peft", "peft_fast")}
+                         for m in args.methods] for prov in ("peft", "peft_fast")}
         png = os.path.join(args.out, f"{stem}.png")
-        bar_plot(png, methods, series, f"train step time / frozen base fwd+bwd — {meta['device']}", "x frozen base")
+        bar_plot(png, args.methods, series, f"train step time / frozen base fwd+bwd — {meta['device']}", "x frozen base")
         print(f"wrote {csv_path}, {json_path}, {png}")
     return rows
 
