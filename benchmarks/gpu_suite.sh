@@ -40,6 +40,9 @@
 #   SUITE_BUDGET_S           seconds from the start by which the benches should be done (500)
 #   SUITE_BENCH_BUDGET_S     bench_layers' --time-budget (default: computed as above)
 #   SUITE_QLORA_BUDGET_S     bench_qlora's --time-budget (150)
+#   SUITE_MULTI=1            also run bench_multi_lora.py (its own call: SUITE_SKIP_PYTEST=1
+#                            SUITE_SKIP_LAYERS=1 SUITE_SKIP_QLORA=1 SUITE_MULTI=1); SUITE_MULTI_ARGS,
+#                            SUITE_MULTI_TIMEOUT_S (400)
 #   SUITE_PYTEST_TIMEOUT_S   hard cap of the GPU tests (240)
 #   SUITE_SKIP_INSTALL=1 / SUITE_SKIP_PYTEST=1 / SUITE_SKIP_LAYERS=1 / SUITE_SKIP_QLORA=1
 #   SUITE_RESULTS_DIR        where the full results go (default above)
@@ -232,12 +235,27 @@ bench_qlora() {
     return "${PIPESTATUS[0]}"
 }
 
+bench_multi_lora() {
+    mkdir -p "$RES/multi"
+    local args=(--out "$RES/multi")
+    local q; q=$(quick_flag); [ -n "$q" ] && args+=("$q")
+    # shellcheck disable=SC2206
+    args+=(${SUITE_MULTI_ARGS:-})
+    echo "bench_multi_lora.py ${args[*]}"
+    timeout "${SUITE_MULTI_TIMEOUT_S:-400}" "$PY" benchmarks/bench_multi_lora.py "${args[@]}" 2>&1 \
+        | tee "$RES/multi/bench_multi_lora.log"
+    return "${PIPESTATUS[0]}"
+}
+
 : >"$RES/env.txt"
 if [ "${SUITE_SKIP_INSTALL:-0}" != "1" ]; then step install install_repo; fi
 step env record_env
 if [ "${SUITE_SKIP_PYTEST:-0}" != "1" ]; then step pytest_gpu gpu_tests; fi
 if [ "${SUITE_SKIP_LAYERS:-0}" != "1" ]; then step bench_layers bench_layers; fi
 if [ "${SUITE_SKIP_QLORA:-0}" != "1" ]; then step bench_qlora bench_qlora; fi
+# mixed-adapter batches: opt-in (SUITE_MULTI=1), since the three benches above fill one 10-minute
+# device call; results go into results.tar.gz only (multi/)
+if [ "${SUITE_MULTI:-0}" = "1" ]; then step bench_multi_lora bench_multi_lora; fi
 
 write_summary 1
 export_results
