@@ -361,3 +361,25 @@ def test_failed_config_write_leaves_no_temp_files(tmp_path, monkeypatch):
         cfg.save_pretrained(str(tmp_path))
     monkeypatch.undo()
     assert files_in(tmp_path) == []
+
+
+def test_package_imports_and_runs_without_triton():
+    """Triton is optional: every kernel module imports without it, the CPU path runs, and asking
+    for the Triton backend says what is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, peft_fast\n"
+        "from peft_fast import ops, ops_triton\n"
+        "from peft_fast.triton_kernels import colsum, dora, fused_linear, lora, multi_lora, nf4\n"
+        "assert not peft_fast.triton_kernels._triton.HAS_TRITON\n"
+        "from peft_fast.functional import lora_linear\n"
+        "y = lora_linear(torch.randn(3, 8), torch.randn(4, 8), None, [torch.randn(2, 8)], [torch.randn(4, 2)], [1.0], [0.1])\n"
+        "assert y.shape == (3, 4)\n"
+        "import os; os.environ['PEFT_FAST_BACKEND'] = 'triton'\n"
+        "try:\n    ops.backend_for(torch.zeros(1))\nexcept RuntimeError as e:\n    assert 'triton is not installed' in str(e); print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -136,7 +136,7 @@ def lora_bwd_ref(
 #   grad_A:  dA = c * g^T (keep(x) x)                         [r, K]
 # The base product and the expand live in fused_linear.py.
 # ----------------------------------------------------------------------------------------------
-from ._triton import HAS_TRITON, interpreting, keep_mask, keep_scale, keep_threshold, next_pow2  # noqa: E402
+from ._triton import HAS_TRITON, interpreting, keep_scale, keep_threshold, next_pow2  # noqa: E402
 from ._triton import philox_keep_mask_ref, tl, triton  # noqa: E402
 
 
@@ -177,6 +177,7 @@ def get_lora_configs():
 
 
 if HAS_TRITON:
+    from ._triton import keep_mask
 
     @triton.autotune(configs=get_lora_configs(), key=["M_BUCKET", "K", "BR"])
     @triton.jit
