@@ -43,7 +43,7 @@ if HAS_TRITON:
         split = tl.program_id(1)
         rows_per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for m0 in range(split * rows_per, min(M, (split + 1) * rows_per), BM):
+        for m0 in range(split * rows_per, tl.minimum(M, (split + 1) * rows_per), BM):
             rm = m0 + tl.arange(0, BM)
             ok = (rm[:, None] < M) & (rn[None, :] < N)
             at = tl.load(a_ptr + rm[:, None] * sam + rn[None, :] * san, mask=ok, other=0.0).to(tl.float32)

@@ -234,7 +234,7 @@ if HAS_TRITON:
         seed = tl.load(seed_ptr)
         rows_per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
         acc = tl.zeros((BR, BK), dtype=tl.float32)
-        for m0 in range(split * rows_per, min(M, (split + 1) * rows_per), BM):
+        for m0 in range(split * rows_per, tl.minimum(M, (split + 1) * rows_per), BM):
             rm = m0 + tl.arange(0, BM)
             xt = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
                          other=0.0)
