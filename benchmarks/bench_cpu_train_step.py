@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from peft_fast.cli._bench_common import bar_plot, device_name, now, versions, write_rows  # noqa: E402
 from peft_fast.cli._bench_model import build_llama  # noqa: E402
+from peft_fast.cli._bench_report import print_table_lines  # noqa: E402
 from peft_fast.cli._bench_run import Clock  # noqa: E402
 from peft_fast.cli._bench_workload import rows_from, run_train  # noqa: E402
 
@@ -74,20 +75,11 @@ def run(args) -> tuple:
 
 
 def print_table(rows, meta):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for r in rows:
-            print(r)
-        return
-    t = Table(title=f"train step, {meta['shape']}, {meta['dtype']}, {meta['threads']} thread(s) — {meta['device']}")
-    for col in ("method", "provider", "step ms (p20-p80)", "x base", "speedup vs peft", "saved act MiB"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(r["method"], r["provider"], f"{r['step_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f})",
-                  f"{r['ratio_vs_base']:.3f}", str(r["speedup_vs_peft"]), f"{r['saved_act_MiB']:.1f}")
-    Console().print(t)
+    lines = [(r["method"], r["provider"], f"{r['step_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f})",
+              f"{r['ratio_vs_base']:.3f}", str(r["speedup_vs_peft"]), f"{r['saved_act_MiB']:.1f}") for r in rows]
+    title = f"train step, {meta['shape']}, {meta['dtype']}, {meta['threads']} thread(s) — {meta['device']}"
+    header = ("method", "provider", "step ms (p20-p80)", "x base", "speedup vs peft", "saved act MiB")
+    print_table_lines(title, header, lines, n_left=0)
 
 
 def main(argv=None):

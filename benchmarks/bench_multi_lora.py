@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bar_plot, device_name, now, quantiles, versions, write_rows  # noqa: E402
+from peft_fast.cli._bench_report import print_table_lines  # noqa: E402
 
 warnings.filterwarnings("ignore")
 PROVIDERS = ("peft_fast_mixed", "peft_mixed", "peft_fast_one")
@@ -163,20 +164,11 @@ def run(args) -> tuple[list[dict], dict]:
 
 
 def print_table(rows, meta):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for r in rows:
-            print(r)
-        return
-    t = Table(title=f"mixed-adapter batches, {meta['shape']}, batch {meta['batch']} — {meta['device']}")
-    for col in ("mode", "N", "provider", "tokens/s", "x one adapter", "x peft mixed"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(r["mode"], str(r["adapters"]), r["provider"], f"{r['tokens_per_s']:.0f}", f"{r['vs_one_adapter']:.2f}",
-                  f"{r['speedup_vs_peft_mixed']:.2f}")
-    Console().print(t)
+    lines = [(r["mode"], str(r["adapters"]), r["provider"], f"{r['tokens_per_s']:.0f}", f"{r['vs_one_adapter']:.2f}",
+              f"{r['speedup_vs_peft_mixed']:.2f}") for r in rows]
+    title = f"mixed-adapter batches, {meta['shape']}, batch {meta['batch']} — {meta['device']}"
+    header = ("mode", "N", "provider", "tokens/s", "x one adapter", "x peft mixed")
+    print_table_lines(title, header, lines, n_left=0)
 
 
 def parse_args(argv=None):

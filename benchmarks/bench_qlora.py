@@ -92,6 +92,7 @@ from bench_layers import (  # noqa: E402  (shared per-layer plumbing)
     trainables,
 )
 from common import device_name, now, versions, write_rows  # noqa: E402
+from peft_fast.cli._bench_report import print_table_lines  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -224,7 +225,7 @@ def run_part_a(args, rows: list, meta: dict) -> None:
     import bitsandbytes as bnb
 
     from peft_fast.quant import nf4_from_bnb
-    from peft_fast.triton_kernels.nf4 import NF4Operand, nf4_dequantize, nf4_dequantize_ref
+    from peft_fast.triton_kernels.nf4 import nf4_dequantize, nf4_dequantize_ref
 
     providers = list(A_PROVIDERS)
     if args.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -252,8 +253,7 @@ def run_part_a(args, rows: list, meta: dict) -> None:
                 p = p.to(args.device)
                 del w
                 q = nf4_from_bnb(p)
-                op = NF4Operand(q.packed, q.absmax, q.code, tuple(q.shape), q.dtype, q.blocksize, q.offset,
-                                q.absmax2, q.code2, q.blocksize2)
+                op = q.operand()
                 nbytes = nf4_bytes(op, args.torch_dtype)
                 bufs = {k: torch.empty(fout, fin, device=args.device, dtype=args.torch_dtype)
                         for k in ("triton", "bnb")}
@@ -644,21 +644,7 @@ def fmt_e(v) -> str:
 
 
 def print_table(title: str, header: tuple, lines: list) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        print(" | ".join(header))
-        for ln in lines:
-            print(" | ".join(ln))
-        return
-    t = Table(title=title)
-    for col in header:
-        t.add_column(col, justify="right")
-    for ln in lines:
-        t.add_row(*ln)
-    Console(width=max(150, int(os.environ.get("COLUMNS", "0") or 0))).print(t)
+    print_table_lines(title, header, lines, n_left=0)
 
 
 def report(rows: list, meta: dict, args) -> None:

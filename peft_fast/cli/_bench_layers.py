@@ -393,6 +393,9 @@ def _ratio(a, b) -> str:
     return f"{a / b:.3f}" if a is not None and b else "-"
 
 
+from ._bench_report import print_table_lines  # noqa: E402
+
+
 def print_table(rows: list[dict], meta: dict) -> None:
     """Ratios per (method, shape, M, r, mode): peft_fast/base, peft/base, peft/peft_fast."""
     by = {}
@@ -410,23 +413,11 @@ def print_table(rows: list[dict], meta: dict) -> None:
     title = f"one adapted linear layer, {meta['dtype']}, {meta['timer']} — {meta['device']}"
     if meta.get("note"):
         title += f"\n({meta['note']})"
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        print(" | ".join(header))
-        for ln in lines:
-            print(" | ".join(ln))
-        return
-    t = Table(title=title)
-    for col in header:
-        t.add_column(col, justify="right")
-    for ln in lines:
-        sp = _num(float(ln[8])) if ln[8] != "-" else None
-        style = "" if sp is None else ("green" if sp > 1.0 else "red")
-        t.add_row(*ln[:8], f"[{style}]{ln[8]}[/]" if style else ln[8], ln[9])
-    Console(width=max(140, int(os.environ.get("COLUMNS", "0") or 0))).print(t)
+    def color(cell):  # peft/peft_fast: green where peft_fast is faster
+        sp = _num(float(cell)) if cell != "-" else None
+        return cell if sp is None else f"[{'green' if sp > 1.0 else 'red'}]{cell}[/]"
+
+    print_table_lines(title, header, [(*ln[:8], color(ln[8]), ln[9]) for ln in lines], n_left=0)
 
 
 def ratio_plot(path: str, rows: list[dict], meta: dict) -> bool:

@@ -41,7 +41,9 @@ def _print_plain(title: str, header: list, lines: list) -> None:
         print(" | ".join(re.sub(r"\[/?[a-z ]*\]", "", c) for c in ln))
 
 
-def _table(title: str, header: list, lines: list, caption: str = "", n_left: int = 2) -> None:
+def print_table_lines(title: str, header, lines: list, caption: str = "", n_left: int = 2) -> None:
+    """A rich table of pre-formatted cells (rich markup allowed); plain text without rich."""
+    header = list(header)
     try:
         from rich.table import Table
     except ImportError:
@@ -122,14 +124,14 @@ def print_report(rows: list, meta: dict) -> None:
         notes.insert(0, "[yellow]peft is not installed: peft_fast is compared with the frozen base model only[/]")
     train = train_lines(rows)
     if train:
-        _table(f"peft-fast bench: training — {what}\n{where}",
+        print_table_lines(f"peft-fast bench: training — {what}\n{where}",
                ["method", "provider", "train tok/s", "x peft", "time/base", "fwd tok/s", "x peft", "time/base",
                 "peak MiB", "mem x peft"], train,
                "\n".join(notes + _problems([r for r in rows if r["method"] != "mixed"])))
     mixed = mixed_lines(rows)
     if mixed:
         m = meta.get("mixed", {})
-        _table(f"peft-fast bench: mixed-adapter batch, {m.get('adapters')} adapters in a batch of {s['batch_size']} "
+        print_table_lines(f"peft-fast bench: mixed-adapter batch, {m.get('adapters')} adapters in a batch of {s['batch_size']} "
                f"— {what}\n{where}",
                ["provider", "prefill tok/s", "x peft", "x one", "time/base", "decode tok/s", "x peft", "x one",
                 "time/base"], mixed,

@@ -48,6 +48,32 @@ class IA3Layer(BaseTunerLayer):
         return scale
 
 
+    # ---- merging: W <- W * l (and b <- b * l for output-feature layers), shared by every kind
+    def _weight_factor(self, adapter: str) -> torch.Tensor:
+        """ia3_l shaped to broadcast against the base weight."""
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for a in check_adapters_to_merge(self, adapter_names):
+            if a not in self.ia3_l:
+                continue
+            base = self.get_base_layer()
+            new_w = torch.mul(base.weight.data, self._weight_factor(a)).to(base.weight.dtype)
+            new_b = None
+            if not self.is_feedforward and base.bias is not None:
+                new_b = torch.mul(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape))
+            self._write_merged(a, new_w, new_b, safe_merge)
+
+    def unmerge(self) -> None:
+        for a in self._pop_merged():
+            if a not in self.ia3_l:
+                continue
+            base = self.get_base_layer()
+            base.weight.data = torch.div(base.weight.data, self._weight_factor(a) + 1e-8).to(base.weight.dtype)
+            if not self.is_feedforward and base.bias is not None:
+                base.bias.data = torch.div(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape) + 1e-8)
+
+
 class Linear(nn.Module, IA3Layer):
     """(IA)^3 on nn.Linear / Conv1D: output scaling, or input scaling for feed-forward layers."""
 
@@ -61,27 +87,8 @@ class Linear(nn.Module, IA3Layer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, init_ia3_weights, inference_mode)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for a in check_adapters_to_merge(self, adapter_names):
-            if a not in self.ia3_l:
-                continue
-            base = self.get_base_layer()
-            l = transpose(self.ia3_l[a].data, self.fan_in_fan_out)
-            new_w = torch.mul(base.weight.data, l).to(base.weight.dtype)
-            new_b = None
-            if not self.is_feedforward and base.bias is not None:
-                new_b = torch.mul(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape))
-            self._write_merged(a, new_w, new_b, safe_merge)
-
-    def unmerge(self) -> None:
-        for a in self._pop_merged():
-            if a not in self.ia3_l:
-                continue
-            base = self.get_base_layer()
-            l = transpose(self.ia3_l[a].data, self.fan_in_fan_out) + 1e-8
-            base.weight.data = torch.div(base.weight.data, l).to(base.weight.dtype)
-            if not self.is_feedforward and base.bias is not None:
-                base.bias.data = torch.div(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape) + 1e-8)
+    def _weight_factor(self, adapter: str) -> torch.Tensor:
+        return transpose(self.ia3_l[adapter].data, self.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -133,29 +140,9 @@ class Conv2d(nn.Module, IA3Layer):
                 scale = self.ia3_l[a] if scale is None else scale * self.ia3_l[a]
         return scale
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for a in check_adapters_to_merge(self, adapter_names):
-            if a not in self.ia3_l:
-                continue
-            base = self.get_base_layer()
-            l = self.ia3_l[a].data
-            l = l.transpose(0, 1) if not self.is_feedforward else l
-            new_w = torch.mul(base.weight.data, l)
-            new_b = None
-            if not self.is_feedforward and base.bias is not None:
-                new_b = torch.mul(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape))
-            self._write_merged(a, new_w, new_b, safe_merge)
-
-    def unmerge(self) -> None:
-        for a in self._pop_merged():
-            if a not in self.ia3_l:
-                continue
-            base = self.get_base_layer()
-            l = self.ia3_l[a].data
-            l = l.transpose(0, 1) if not self.is_feedforward else l
-            base.weight.data = torch.div(base.weight.data, l + 1e-8)
-            if not self.is_feedforward and base.bias is not None:
-                base.bias.data = torch.div(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape) + 1e-8)
+    def _weight_factor(self, adapter: str) -> torch.Tensor:
+        l = self.ia3_l[adapter].data
+        return l.transpose(0, 1) if not self.is_feedforward else l
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -161,6 +161,20 @@ class LoraLayer(BaseTunerLayer):
             if self.use_dora.get(name, False):
                 raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
 
+    def _forward_prologue(self, x, args, kwargs: dict, mixed: bool):
+        """The start every forward shares: argument checks, pops `adapter_names` from kwargs,
+        disabled adapters (unmerging first) and, with `mixed`, mixed-adapter batches.
+        Returns (the finished result or None, adapter_names)."""
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs), adapter_names
+        if mixed and adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs), adapter_names
+        return None, adapter_names
+
     def _active_present(self) -> list[str]:
         keys = set(self.lora_A.keys()) | set(self.lora_embedding_A.keys())
         return [a for a in self.active_adapters if a in keys]
@@ -309,14 +323,9 @@ class Linear(nn.Module, LoraLayer):
         return float(d.p) if isinstance(d, nn.Dropout) and self.training else 0.0
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        done, _ = self._forward_prologue(x, args, kwargs, mixed=True)
+        if done is not None:
+            return done
         active = self._active_present()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
@@ -489,12 +498,9 @@ class Embedding(nn.Module, LoraLayer):
         LoraLayer._check_forward_args(self, x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        done, adapter_names = self._forward_prologue(x, args, kwargs, mixed=False)
+        if done is not None:
+            return done
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -566,14 +572,9 @@ class _ConvNd(nn.Module, LoraLayer):
         return factor.reshape((-1,) + (1,) * (self._kernel_dim - 1))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        done, _ = self._forward_prologue(x, args, kwargs, mixed=True)
+        if done is not None:
+            return done
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
