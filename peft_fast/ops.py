@@ -45,6 +45,40 @@ def backend_for(t: torch.Tensor) -> str:
     return "torch"
 
 
+def autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The dtype `torch.autocast` runs a linear layer in on t's device (torch.bfloat16 or
+    torch.float16), or None when autocast is off there (or the device has no autocast).
+
+    The fused ops follow autocast as `nn.Linear` does: floating inputs (not float64) are cast to
+    this dtype and the op runs with autocast disabled, like `torch.amp.custom_fwd(cast_inputs=)`.
+    """
+    dev = t.device.type
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return None
+        return torch.get_autocast_dtype(dev)
+    except (TypeError, RuntimeError, AttributeError):  # torch < 2.4, or a device without autocast
+        if dev == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if dev == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        return None
+
+
+def no_autocast(device_type: str):
+    """Context manager: autocast off on `device_type` (the fused ops' bodies, forward and
+    backward, run in the dtype they were given; see autocast_dtype)."""
+    return torch.autocast(device_type, enabled=False)
+
+
+def cast_for_autocast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """t cast as autocast casts a linear's argument: floating tensors other than float64 go to
+    `dtype`; None, integer tensors, float64 and a `dtype` of None pass through."""
+    if t is None or dtype is None or t.dtype == dtype or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def _impl(t: Tensor):
     if backend_for(t) == "triton":
         from . import ops_triton
@@ -182,6 +216,10 @@ def _dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out=False, weight_sqnorm=None):
+    """||W + s B A|| per output row, fp32 [N], detached; computed in fp32 even under autocast."""
+    if autocast_dtype(weight) is not None:
+        with no_autocast(weight.device.type):
+            return dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sqnorm)
     if _eager():
         return _impl(weight).dora_weight_norm(weight, lora_A.detach(), lora_B.detach(), scaling, fan_in_fan_out,
                                               weight_sqnorm)

@@ -1,9 +1,38 @@
-"""Shared pieces of the autograd Functions: base-weight and bias gradients."""
+"""Shared pieces of the autograd Functions: base-weight and bias gradients, autocast handling."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+
+from .. import ops
+
+
+def autocast_scope(x: torch.Tensor):
+    """(compute dtype, context manager) for one fused call on x's device.
+
+    Outside autocast: (None, a null context): the op runs in its inputs' dtypes. Under
+    torch.autocast: (the autocast dtype, autocast disabled): the caller casts its floating inputs
+    with `to_dtype` and the op body runs without autocast, as `torch.amp.custom_fwd(cast_inputs=)`
+    does, so the result has the dtype `nn.Linear` would give under the same autocast.
+    """
+    cd = ops.autocast_dtype(x)
+    return cd, (ops.no_autocast(x.device.type) if cd is not None else contextlib.nullcontext())
+
+
+def to_dtype(dtype: Optional[torch.dtype], *tensors) -> list:
+    """The tensors cast as autocast casts a linear's arguments (ops.cast_for_autocast); None
+    entries stay None; a dtype of None returns them unchanged."""
+    if dtype is None:
+        return list(tensors)
+    return [ops.cast_for_autocast(t, dtype) for t in tensors]
+
+
+def cast_grads(dtypes, *grads) -> list:
+    """Each gradient in the dtype of its input (autocast computes in 16 bits; fp32 parameters and
+    inputs get fp32 gradients, as autograd gives through autocast's casts)."""
+    return [g.to(dt) if g is not None and dt is not None and g.dtype != dt else g for g, dt in zip(grads, dtypes)]
 
 
 def base_param_grads(ctx, dy: torch.Tensor, x: torch.Tensor, weight_idx: int, bias_idx: int,

@@ -6,6 +6,8 @@ Backward: as LoRA (functional/lora.py) with W frozen; dequant(W) is rebuilt for 
     g_i = s_i dy B_i,  dx = dy dequant(W) + sum_i (m_i / (1 - p_i)) (g_i A_i),
     dA_i = g_i^T D_i(x),  dB_i = s_i dy^T xa_i,  db = colsum(dy) (when the bias trains).
 Saved: x, A_i, B_i, xa_i and the dropout state (1-byte masks on CPU, a seed on GPU).
+Under torch.autocast the op computes in the autocast dtype (W decoded straight into it) and
+returns x's dtype, as bitsandbytes' Linear4bit (`matmul_4bit(...).to(inp_dtype)`) under PEFT.
 """
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ import torch
 
 from .. import ops
 from ..triton_kernels.nf4 import NF4Operand
-from ._common import fold_any_tensor_scalings, needs_autograd
+from ._common import autocast_scope, cast_grads, fold_any_tensor_scalings, needs_autograd, to_dtype
 
 
 class QLoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, nf4, bias, scaling, dropout_p, *lora_AB):
+    def forward(ctx, x, nf4, bias, scaling, dropout_p, compute_dtype, *lora_AB):
         n = len(lora_AB) // 2
-        As, Bs = list(lora_AB[:n]), list(lora_AB[n:])
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, bias, *lora_AB)]
+        x, bias = to_dtype(compute_dtype, x, bias)
+        As, Bs = to_dtype(compute_dtype, *lora_AB[:n]), to_dtype(compute_dtype, *lora_AB[n:])
         y, xas, masks = ops.qlora_fwd(x, nf4, bias, As, Bs, scaling, dropout_p)
         ctx.n, ctx.nf4, ctx.scaling, ctx.dropout_p = n, nf4, scaling, dropout_p
         ctx.has_mask = [m is not None for m in masks]
@@ -37,17 +41,18 @@ class QLoraLinearFunction(torch.autograd.Function):
         As, Bs, xas = list(saved[1:1 + n]), list(saved[1 + n:1 + 2 * n]), list(saved[1 + 2 * n:1 + 3 * n])
         it = iter(saved[1 + 3 * n:])
         masks = [next(it) if h else None for h in ctx.has_mask]
-        dy = dy.contiguous()
-        dx, dAs, dBs = ops.qlora_bwd(dy, x, ctx.nf4, As, Bs, ctx.scaling, ctx.dropout_p, xas, masks,
-                                     need_dx=ctx.needs_input_grad[0])
-        db = dy.sum(0) if ctx.needs_input_grad[2] else None
-        dAs = [g if ctx.needs_input_grad[5 + i] else None for i, g in enumerate(dAs)]
-        dBs = [g if ctx.needs_input_grad[5 + n + i] else None for i, g in enumerate(dBs)]
-        return (dx, None, db, None, None, *dAs, *dBs)
+        with ops.no_autocast(dy.device.type):
+            dy = dy.to(x.dtype).contiguous()
+            dx, dAs, dBs = ops.qlora_bwd(dy, x, ctx.nf4, As, Bs, ctx.scaling, ctx.dropout_p, xas, masks,
+                                         need_dx=ctx.needs_input_grad[0])
+            db = dy.sum(0) if ctx.needs_input_grad[2] else None
+        dx, db, *dAB = cast_grads(ctx.dtypes, dx, db, *dAs, *dBs)
+        dAB = [g if ctx.needs_input_grad[6 + i] else None for i, g in enumerate(dAB)]
+        return (dx, None, db, None, None, None, *dAB)
 
 
 def qlora_linear(
-    x: torch.Tensor,  # [..., K], dtype nf4.dtype
+    x: torch.Tensor,  # [..., K], dtype nf4.dtype (any floating dtype under autocast)
     nf4: NF4Operand,  # W [N, K] in 4 bits
     bias: Optional[torch.Tensor],  # [N]
     lora_A: Sequence[torch.Tensor],  # each [r_i, K]
@@ -60,9 +65,14 @@ def qlora_linear(
     lora_B, scaling = fold_any_tensor_scalings(lora_B, scaling)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not needs_autograd(x, bias, lora_A, lora_B):
-        y = ops.qlora_fwd(x2, nf4, bias, lora_A, lora_B, scaling, dropout_p)[0]
-    else:
-        y = QLoraLinearFunction.apply(x2, nf4, bias, tuple(scaling), tuple(float(p) for p in dropout_p),
-                                      *lora_A, *lora_B)
-    return y.view(*lead, y.shape[-1])
+    cd, scope = autocast_scope(x)
+    if cd is not None and nf4.dtype != cd:
+        nf4 = nf4._replace(dtype=cd)  # decode W straight into the compute dtype
+    with scope:
+        if not needs_autograd(x, bias, lora_A, lora_B):
+            xc, b = to_dtype(cd, x2, bias)
+            y = ops.qlora_fwd(xc, nf4, b, to_dtype(cd, *lora_A), to_dtype(cd, *lora_B), scaling, dropout_p)[0]
+        else:
+            y = QLoraLinearFunction.apply(x2, nf4, bias, tuple(scaling), tuple(float(p) for p in dropout_p), cd,
+                                          *lora_A, *lora_B)
+    return y.view(*lead, y.shape[-1]).to(x.dtype)

@@ -6,6 +6,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ... import ops
 from ...functional import ia3_linear
 from ...utils.other import is_conv1d, transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -102,7 +103,9 @@ class Linear(nn.Module, IA3Layer):
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
         if (not args and not kwargs and (type(base) is nn.Linear or is_conv1d(base)) and not base._forward_hooks
-                and not base._forward_pre_hooks and x.dtype == base.weight.dtype == scale.dtype):
+                and not base._forward_pre_hooks
+                and (x.dtype == base.weight.dtype == scale.dtype
+                     or (x.is_floating_point() and ops.autocast_dtype(x) is not None))):  # the op casts
             return ia3_linear(x, base.weight, base.bias, scale, self.is_feedforward, self.fan_in_fan_out)
         # PEFT's composite formula (mixed dtypes, hooked or exotic base layers)
         previous_dtype = x.dtype
