@@ -100,7 +100,8 @@ class Linear4bit(_QuantizedLinear):
         return (
             op is not None and not args and not kwargs
             and not base._forward_hooks and not base._forward_pre_hooks
-            and x.dtype == op.dtype and (compute is None or compute == x.dtype)
+            and ((x.dtype == op.dtype and (compute is None or compute == x.dtype))
+                 or (x.is_floating_point() and ops.autocast_dtype(x) is not None))  # the op casts, as bnb + autocast
             and x.shape[-1] == self.in_features
         )
 

@@ -314,7 +314,9 @@ class Linear(nn.Module, LoraLayer):
             not args and not kwargs
             and (type(base) is nn.Linear or is_conv1d(base))
             and not base._forward_hooks and not base._forward_pre_hooks
-            and x.dtype == base.weight.dtype and base.weight.dtype.is_floating_point
+            and base.weight.dtype.is_floating_point
+            # under autocast the fused op casts x and W itself, as nn.Linear would
+            and (x.dtype == base.weight.dtype or (x.is_floating_point() and ops.autocast_dtype(x) is not None))
             and x.shape[-1] == self.in_features
         )
 
