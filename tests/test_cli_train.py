@@ -1,6 +1,6 @@
 """`peft-fast train` on CPU at toy sizes: the demo learns, prompt tokens are masked out of the
 loss, adapters load in real peft with the same outputs, 4-bit runs, --resume continues exactly,
-and bad input gets a clear error."""
+bad input gets a clear error, and --resume keeps the run's own settings (issue #11)."""
 from __future__ import annotations
 
 import argparse
@@ -284,3 +284,155 @@ def test_4bit_on_an_unsupported_device(tmp_path, capsys):
     assert cli("train", "--4bit", "--device", "meta", "--output", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "no 4-bit kernels for device 'meta'" in err
+
+
+# ------------------------------------------------------------------------------ traps (issue #11)
+def ckpt_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+
+
+def test_resume_keeps_the_runs_own_save_total_limit(tiny, tmp_path):
+    """A run saved with --save-total-limit 0 keeps every checkpoint through --resume: with no more
+    steps to train (the run's own --max-steps 30 is carried too) and when it trains further."""
+    out = tmp_path / "out"
+    assert run_tiny(tiny, out, "--max-steps", 30, "--save-steps", 10, "--save-total-limit", 0) == 0
+    assert ckpt_steps(out) == [10, 20, 30]
+    assert run_tiny(tiny, out, "--resume") == 0
+    assert ckpt_steps(out) == [10, 20, 30]
+    log = train_log(out)
+    assert log["total_steps"] == 30 and log["settings"]["save_total_limit"] == 0
+    assert run_tiny(tiny, out, "--resume", "--max-steps", 40) == 0
+    assert ckpt_steps(out) == [10, 20, 30, 40]
+    assert train_log(out)["settings"]["save_total_limit"] == 0 and len(train_log(out)["losses"]) == 40
+
+
+def test_resume_explicit_overrides_win(tiny, tmp_path):
+    """Flags given again on --resume replace the run's saved ones: --save-total-limit prunes,
+    --weight-decay reaches the optimizer (whose saved state would otherwise restore the old one)."""
+    out = tmp_path / "out"
+    assert run_tiny(tiny, out, "--max-steps", 3, "--save-steps", 1, "--save-total-limit", 0) == 0
+    assert ckpt_steps(out) == [1, 2, 3]
+    assert run_tiny(tiny, out, "--resume", "--max-steps", 4, "--save-total-limit", 1, "--weight-decay", 0.1) == 0
+    assert ckpt_steps(out) == [4]
+    blob = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)
+    assert {g["weight_decay"] for g in blob["optimizer"]["param_groups"]} == {0.1}
+    assert blob["meta"]["settings"]["save_total_limit"] == 1
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out"
+    assert run_tiny(tiny, out, "--max-steps", 1, "--targets", "q_proj,v_proj") == 0
+    return out
+
+
+@pytest.mark.parametrize("flag,value,saved", [("--method", "dora", "method='lora'"), ("--seed", 3, "seed=0"),
+                                              ("--batch-size", 4, "batch_size=8"),
+                                              ("--targets", "q_proj", "targets='q_proj,v_proj'")])
+def test_resume_refuses_to_change_what_defines_the_run(tiny, one_step_run, capsys, flag, value, saved):
+    before = sorted(p.name for p in one_step_run.iterdir())
+    assert run_tiny(tiny, one_step_run, "--resume", "--max-steps", 2, flag, value) == 2
+    err = capsys.readouterr().err
+    assert saved in err and str(value) in err and flag in err and "Traceback" not in err
+    assert sorted(p.name for p in one_step_run.iterdir()) == before
+
+
+def test_resume_past_a_shorter_max_steps_is_refused(tiny, one_step_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_tiny(tiny, out, "--max-steps", 2) == 0
+    assert run_tiny(tiny, out, "--resume", "--max-steps", 1) == 2
+    err = capsys.readouterr().err
+    assert "step 2" in err and "--max-steps 1" in err
+
+
+def test_model_without_data_is_refused(tiny, tmp_path, capsys):
+    model, _ = tiny
+    assert cli("train", "--model", model, "--output", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and str(model) in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("which", ["training_state.pt", "adapter_model.safetensors"])
+def test_resume_from_a_corrupt_checkpoint_names_it(tiny, tmp_path, capsys, which):
+    out = tmp_path / "out"
+    assert run_tiny(tiny, out, "--max-steps", 1) == 0
+    bad = out / "checkpoint-1" / which
+    bad.write_bytes(bad.read_bytes()[:100])
+    capsys.readouterr()
+    assert run_tiny(tiny, out, "--resume", "--max-steps", 2) == 2
+    err = capsys.readouterr().err
+    assert str(out / "checkpoint-1") in err and "Traceback" not in err
+
+
+def test_resume_from_a_checkpoint_path_writes_beside_it(tiny, tmp_path, monkeypatch):
+    """--resume DIR/checkpoint-N without --output continues in DIR, not in ./peft-fast-output."""
+    out = tmp_path / "out"
+    assert run_tiny(tiny, out, "--max-steps", 2, "--save-steps", 1, "--save-total-limit", 0) == 0
+    monkeypatch.chdir(tmp_path)
+    model, data = tiny
+    assert cli("train", "--model", model, "--data", data, "--no-progress", "--resume", out / "checkpoint-1",
+               "--max-steps", 3) == 0
+    assert not (tmp_path / "peft-fast-output").exists()
+    assert ckpt_steps(out) == [1, 2, 3] and len(train_log(out)["losses"]) == 3
+
+
+def test_resume_into_an_output_of_another_run_is_refused(tiny, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_tiny(tiny, a, "--max-steps", 1) == 0
+    assert run_tiny(tiny, b, "--max-steps", 1) == 0
+    assert run_tiny(tiny, b, "--resume", a / "checkpoint-1", "--max-steps", 2) == 2
+    err = capsys.readouterr().err
+    assert str(b) in err and "checkpoint-1" in err
+    assert ckpt_steps(b) == [1]
+
+
+def test_output_holding_another_run_or_a_model_is_refused(tiny, tmp_path, capsys):
+    """The demo starts over only in an earlier demo's output; no run writes into a model directory
+    or over a finished adapter without --overwrite."""
+    import shutil
+
+    out = tmp_path / "out"
+    assert run_tiny(tiny, out, "--max-steps", 1) == 0
+    capsys.readouterr()
+    assert cli("train", "--output", out, "--max-steps", 1, "--no-progress") == 2  # the demo
+    assert "--overwrite" in capsys.readouterr().err and ckpt_steps(out) == [1]
+    shutil.rmtree(out / "checkpoint-1")  # a finished adapter without checkpoints
+    assert run_tiny(tiny, out, "--max-steps", 1) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+    model_copy = tmp_path / "model_copy"
+    shutil.copytree(tiny[0], model_copy)
+    assert run_tiny(tiny, model_copy, "--max-steps", 1) == 2
+    assert "config.json" in capsys.readouterr().err and not (model_copy / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("argv,what", [
+    (("--method", "ia3", "--r", 4), "--r"),
+    (("--epochs", 2, "--max-steps", 3), "--max-steps"),
+    (("--save-total-limit", -1), "--save-total-limit"),
+    (("--resume", "--overwrite"), "--overwrite"),
+])
+def test_flags_that_would_be_ignored_are_refused(tiny, tmp_path, capsys, argv, what):
+    assert run_tiny(tiny, tmp_path / "o", *argv) == 2
+    err = capsys.readouterr().err
+    assert what in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_after_the_model_moved(tiny, tmp_path, capsys):
+    """The saved model path is gone: the error names it and asks for --model; the new place then works
+    (and a fresh resume needs neither --model nor --data: the run's own are carried)."""
+    import shutil
+
+    model, data = tiny
+    a, b, out = tmp_path / "model_a", tmp_path / "model_b", tmp_path / "out"
+    shutil.copytree(model, a)
+    assert cli("train", "--model", a, "--data", data, "--output", out, "--max-steps", 1, "--no-progress") == 0
+    assert cli("train", "--output", out, "--resume", "--max-steps", 2, "--no-progress") == 0
+    a.rename(b)
+    capsys.readouterr()
+    assert cli("train", "--output", out, "--resume", "--max-steps", 3, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert str(a) in err and "--model" in err
+    assert cli("train", "--model", b, "--output", out, "--resume", "--max-steps", 3, "--no-progress") == 0
+    assert len(train_log(out)["losses"]) == 3

@@ -26,8 +26,7 @@ ALPHABET = "abcdefghij"
 N_ROWS, SEED = 2000, 0
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
-# What the demo trains with when the user does not say otherwise (see train.py's defaults).
-DEMO_DEFAULTS = dict(lr=1e-2, batch_size=32, epochs=8, seq_len=64, threads=1)
+# What the demo trains with when the user does not say otherwise: _train_settings.DEMO.
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=128, initializer_range=0.1,
              tie_word_embeddings=False, attention_dropout=0.0)

@@ -140,24 +140,50 @@ def save_checkpoint(model, optimizer, state: State, s: Settings, meta: dict) -> 
     return final
 
 
-def load_checkpoint(model, optimizer, path: Path, device, meta: dict) -> State:
-    """Adapter weights, optimizer and RNG states from `path`; CLIError when the checkpoint was
-    made with a different adapter (method, rank, targets, ...) than this run builds."""
+def read_checkpoint(path: Path) -> dict:
+    """The training state saved in checkpoint `path`; CLIError naming it when unreadable or incomplete."""
+    try:
+        blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, unpickling error, I/O error, ...
+        raise CLIError(f"--resume: checkpoint {str(path)!r} is unreadable: {STATE_FILE} failed to load "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
+                       "older checkpoint-* instead") from None
+    missing = [k for k in ("step", "epoch", "micro", "losses", "lrs", "tokens", "elapsed", "optimizer", "rng")
+               if not isinstance(blob, dict) or k not in blob]
+    if missing:
+        raise CLIError(f"--resume: checkpoint {str(path)!r} is incomplete: {STATE_FILE} lacks {missing}")
+    return blob
+
+
+def load_checkpoint(model, optimizer, path: Path, blob: dict, s: Settings, device, meta: dict) -> State:
+    """Adapter weights, optimizer and RNG states from checkpoint `path` (`blob`: its read_checkpoint);
+    CLIError when the checkpoint was made with a different adapter (method, rank, targets, ...)."""
     from peft_fast import load_peft_weights, set_peft_model_state_dict
 
-    blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     theirs = blob.get("meta", {}).get("adapter", {})
     for key, ours in meta["adapter"].items():
         if key in theirs and theirs[key] != ours:
             raise CLIError(f"--resume: checkpoint {str(path)!r} was trained with {key}={theirs[key]!r}, "
                            f"this run has {key}={ours!r}; use the same adapter options to resume")
-    weights = load_peft_weights(str(path), device=str(device))
+    try:
+        weights = load_peft_weights(str(path), device=str(device))
+    except Exception as e:  # noqa: BLE001 - missing or truncated adapter file
+        raise CLIError(f"--resume: cannot read the adapter weights of checkpoint {str(path)!r} "
+                       f"({type(e).__name__}: {e}); resume from an older checkpoint-* instead") from None
     result = set_peft_model_state_dict(model, weights)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "ia3_" in k]
     if missing or getattr(result, "unexpected_keys", []):
         raise CLIError(f"--resume: checkpoint {str(path)!r} does not fit this adapter "
                        f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
-    optimizer.load_state_dict(blob["optimizer"])
+    try:
+        optimizer.load_state_dict(blob["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CLIError(f"--resume: the optimizer state of checkpoint {str(path)!r} does not fit this adapter "
+                       f"({e})") from None
+    # load_state_dict restored the saved hyperparameters: this run's settings (the saved ones unless
+    # given again on the command line) decide; lr is set every step
+    for g in optimizer.param_groups:
+        g["weight_decay"] = s.weight_decay
     torch.set_rng_state(blob["rng"]["torch"])
     if "cuda" in blob["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])

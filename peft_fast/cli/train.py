@@ -1,5 +1,5 @@
 """`peft-fast train`: supervised fine-tuning of a local causal LM with a LoRA, DoRA or IA3 adapter,
-in 4 bit (QLoRA) or not, on a local JSONL dataset; with no --model/--data, a built-in CPU demo.
+in 4 bit (QLoRA) or not, on a local JSONL dataset; with no --model, a built-in CPU demo.
 
 Output directory (--output):
 
@@ -11,7 +11,8 @@ Output directory (--output):
 
 Every file is written to a temporary name and renamed, so an interrupted run leaves complete
 files (Ctrl-C saves a checkpoint first). The pieces live in _train_data (JSONL, tokenization),
-_train_model (4-bit checks, loading), _train_loop (the loop, checkpoints, plot), _train_demo.
+_train_model (4-bit checks, loading), _train_loop (the loop, checkpoints, plot), _train_demo,
+_train_settings (defaults, checks, the settings a checkpoint carries into --resume).
 """
 from __future__ import annotations
 
@@ -20,76 +21,92 @@ import json
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 from ._train_util import DTYPES, CLIError, report
 
 PROG = "peft-fast train"
-# generic defaults; the demo overrides the ones marked in --help (see _train_demo.DEMO_DEFAULTS)
-GENERIC = dict(lr=2e-4, batch_size=8, epochs=3, seq_len=512, threads=None)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None and flags (their help text says what happens)."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag parses to None when absent (so --resume can tell given from default); the help
+    shows the default from _train_settings.SHOWN instead (the others say theirs in the text)."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
+        from ._train_settings import SHOWN
+
+        if action.dest in SHOWN and action.help:
+            return f"{action.help} (default: {SHOWN[action.dest]})"
+        return action.help
+
+
+RESUME_HELP = """\
+--resume continues a run with its own settings, saved in every checkpoint.
+  Fixed within a run (giving a different value is an error): --model --method --r --alpha
+    --dropout --targets --4bit --seed --batch-size --grad-accum --seq-len
+  Taken from the checkpoint unless given again: --epochs --max-steps --lr --lr-scheduler
+    --warmup-steps --weight-decay --max-grad-norm --save-steps --save-total-limit
+    --[no-]gradient-checkpointing --device --dtype --threads --data (different data only warn)
+  --epochs given alone replaces a saved --max-steps. Without --output, --resume DIR/checkpoint-N
+  continues in DIR."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train", help="fine-tune with LoRA/DoRA/IA3 (QLoRA with --4bit); no --model/--data: built-in demo",
-        description="Supervised fine-tuning of a local causal LM with a LoRA, DoRA or IA3 adapter. JSONL rows are "
-                    "{\"text\": ...} (loss on all tokens) or {\"prompt\": ..., \"response\": ...} (loss on the "
-                    "response only). Without --model and --data it runs a demo: a tiny random Llama learns to "
-                    "reverse strings on CPU in well under a minute.",
-        formatter_class=_Formatter)
+        "train", help="fine-tune with LoRA/DoRA/IA3 (QLoRA with --4bit); no --model: built-in demo",
+        description=textwrap.fill(  # the raw formatter keeps the epilog's layout, so wrap this here
+            "Supervised fine-tuning of a local causal LM with a LoRA, DoRA or IA3 adapter. JSONL rows are "
+            "{\"text\": ...} (loss on all tokens) or {\"prompt\": ..., \"response\": ...} (loss on the "
+            "response only). Without --model it runs a demo: a tiny random Llama learns to reverse "
+            "strings on CPU in well under a minute (--model needs --data).", 79),
+        epilog=RESUME_HELP, formatter_class=_Formatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", metavar="DIR", help="local model directory (config, weights, tokenizer); "
                    "default: the demo's tiny Llama")
-    g.add_argument("--data", metavar="JSONL", help="training data; default: the demo's string-reversal set")
+    g.add_argument("--data", metavar="JSONL", help="training data (required with --model); "
+                   "default: the demo's string-reversal set")
     g.add_argument("--output", metavar="DIR", help="output directory (default: peft-fast-demo for the demo, "
                    "else peft-fast-output)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --output that holds checkpoints of an earlier run (the demo always does)")
+                   help="start over in an --output that holds an earlier run or other adapter/model files "
+                        "(the demo does so by itself over an earlier demo)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
-                   help="continue from a checkpoint directory, or without a value from the newest in --output")
+                   help="continue from a checkpoint directory, or without a value from the newest in --output, "
+                        "with the run's saved settings (see below)")
     g = p.add_argument_group("adapter")
-    g.add_argument("--method", choices=("lora", "dora", "ia3"), default="lora", help="adapter type")
-    g.add_argument("--r", type=int, default=8, help="LoRA/DoRA rank")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA alpha (default: 2 * r)")
-    g.add_argument("--dropout", type=float, default=0.05, help="LoRA/DoRA dropout")
-    g.add_argument("--targets", default="all-linear",
-                   help="modules to adapt: 'all-linear' or comma-separated names (e.g. q_proj,v_proj)")
-    g.add_argument("--4bit", dest="four_bit", action="store_true",
+    g.add_argument("--method", choices=("lora", "dora", "ia3"), help="adapter type")
+    g.add_argument("--r", type=int, help="LoRA/DoRA rank")
+    g.add_argument("--alpha", type=float, help="LoRA/DoRA alpha (default: 2 * r)")
+    g.add_argument("--dropout", type=float, help="LoRA/DoRA dropout")
+    g.add_argument("--targets", help="modules to adapt: 'all-linear' or comma-separated names (e.g. q_proj,v_proj)")
+    g.add_argument("--4bit", dest="four_bit", action="store_true", default=None,
                    help="load the base model in 4-bit NF4 with bitsandbytes (QLoRA)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=float, default=None, help="epochs (default: 3; demo: 8)")
-    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4; demo: 1e-2)")
-    g.add_argument("--lr-scheduler", choices=("linear", "cosine", "constant"), default="linear",
-                   help="decay after warm-up")
-    g.add_argument("--warmup-steps", type=int, default=0, help="steps of linear LR warm-up")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    g.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch (default: 8; demo: 32)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per row, longer rows are cut "
-                   "(default: 512; demo: 64)")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--seed", type=int, default=0, help="data order, adapter init, dropout (and the demo model)")
+    g.add_argument("--epochs", type=float, help="epochs (default: 3; demo: 8)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps instead of --epochs (0: from --epochs)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4; demo: 1e-2)")
+    g.add_argument("--lr-scheduler", choices=("linear", "cosine", "constant"), help="decay after warm-up")
+    g.add_argument("--warmup-steps", type=int, help="steps of linear LR warm-up")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: off)")
+    g.add_argument("--batch-size", type=int, help="rows per micro-batch (default: 8; demo: 32)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--seq-len", type=int, help="tokens per row, longer rows are cut (default: 512; demo: 64)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in backward (default: off)")
+    g.add_argument("--seed", type=int, help="data order, adapter init, dropout (and the demo model)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    g.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="base model dtype (auto: bf16 on GPUs that have it, else fp32; demo: fp32)")
-    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: every epoch)")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (0: all)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto, cuda if available)")
+    g.add_argument("--dtype", choices=DTYPES,
+                   help="base model dtype (default: auto, bf16 on GPUs that have it, else fp32; demo: float32)")
+    g.add_argument("--save-steps", type=int, help="checkpoint every N steps (0: every epoch)")
+    g.add_argument("--save-total-limit", type=int, help="checkpoints kept (0: all)")
+    g.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's; demo: 1, as a tiny model only pays for more)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="log lines instead of a bar")
     p.set_defaults(func=run)
     return p
 
@@ -104,52 +121,39 @@ def run(args) -> int:
         return 130
 
 
-def _resolve(args, demo: bool) -> None:
-    """Fill the defaults that differ between the demo and a real run, and check the numbers."""
-    from ._train_demo import DEMO_DEFAULTS
-
-    base = DEMO_DEFAULTS if demo else GENERIC
-    for key in ("lr", "batch_size", "epochs", "seq_len", "threads"):
-        if getattr(args, key) is None:
-            setattr(args, key, base[key])
-    if args.alpha is None:
-        args.alpha = 2 * args.r
-    if demo and args.dtype == "auto":  # 100k parameters: bf16 would only cost accuracy
-        args.dtype = "float32"
-    if args.output is None:
-        args.output = "peft-fast-demo" if demo else "peft-fast-output"
-    checks = [("--r", args.r, args.r >= 1), ("--batch-size", args.batch_size, args.batch_size >= 1),
-              ("--grad-accum", args.grad_accum, args.grad_accum >= 1), ("--seq-len", args.seq_len, args.seq_len >= 2),
-              ("--lr", args.lr, args.lr > 0), ("--dropout", args.dropout, 0 <= args.dropout < 1),
-              ("--epochs", args.epochs, args.epochs > 0), ("--max-steps", args.max_steps, args.max_steps >= 0),
-              ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0),
-              ("--save-steps", args.save_steps, args.save_steps >= 0),
-              ("--threads", args.threads, args.threads is None or args.threads >= 1)]
-    for flag, value, ok in checks:
-        if not ok:
-            raise CLIError(f"{flag} {value} is out of range")
-
-
-def _prepare_output(args, demo: bool) -> Path:
+def _prepare_output(args, demo: bool, resume_from) -> Path:
+    """--output as an absolute directory, refusing to write into another run's or a model's files."""
     from ._train_loop import list_checkpoints
 
     out = Path(args.output).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output {args.output!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    old = list_checkpoints(out)
-    if old and not args.resume:
-        if not (demo or args.overwrite):
+    old = list_checkpoints(out) if out.is_dir() else []
+    if resume_from is not None:
+        # the run prunes old checkpoints of its --output: never those of another run
+        if old and resume_from.parent.resolve() != out.resolve():
+            raise CLIError(f"--output {str(out)!r} holds checkpoints of another run ({old[-1].name}) than "
+                           f"{str(resume_from)!r}; resume into that checkpoint's own directory or an empty --output")
+    elif not args.overwrite and not (demo and (out / "demo_base" / "config.json").is_file()):
+        if old:
             raise CLIError(f"--output {args.output!r} holds checkpoints of an earlier run ({old[-1].name}); "
                            "pass --resume to continue it, --overwrite to start over, or another --output")
+        clash = [n for n in ("adapter_config.json", "train_log.json", "config.json") if (out / n).is_file()]
+        if clash:
+            what = "a model" if clash == ["config.json"] else "an adapter or a finished run"
+            raise CLIError(f"--output {args.output!r} already holds {what} ({', '.join(clash)}); "
+                           "pass --overwrite to write over it, or another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
         for ckpt in old:
             shutil.rmtree(ckpt)
     return out
 
 
 def _run(args) -> int:
-    demo = args.model is None
-    _resolve(args, demo)
+    from ._train_settings import resolve, saved_settings
+
+    demo, resume_from, blob = resolve(args)
 
     from ._train_util import check_device_usable, resolve_device, resolve_dtype
 
@@ -175,12 +179,7 @@ def _run(args) -> int:
     data_path = Path(args.data).expanduser() if args.data else DEMO_DATA
     examples, data_sha = read_jsonl(str(data_path))
     targets = parse_targets(args.targets)
-    out = _prepare_output(args, demo)
-    resume_from = None
-    if args.resume:
-        from ._train_loop import find_checkpoint
-
-        resume_from = find_checkpoint(out, args.resume)
+    out = _prepare_output(args, demo, resume_from)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -197,30 +196,36 @@ def _run(args) -> int:
     if not rows:
         raise CLIError(f"no row of {str(data_path)!r} has a label token left within --seq-len {args.seq_len}")
 
-    dtype = resolve_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)  # adapter initialisation (LoRA A) and dropout
-    base = load_base(model_dir, device, dtype, args.four_bit, args.gradient_checkpointing)
-    config = adapter_config(args.method, args.r, args.alpha, args.dropout, targets, base)
-    model = attach_adapter(base, config)
-
     from ._train_loop import Settings, State, load_checkpoint, make_optimizer, total_steps, train
 
     s = Settings(lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
                  max_steps=args.max_steps, seed=args.seed, output=out, weight_decay=args.weight_decay,
                  warmup_steps=args.warmup_steps, scheduler=args.lr_scheduler, max_grad_norm=args.max_grad_norm,
                  save_steps=args.save_steps, save_total_limit=args.save_total_limit, progress=args.progress)
+    total = total_steps(len(rows), s)
+    if blob is not None and blob["step"] > total:
+        length = f"--max-steps {total}" if args.max_steps else f"--epochs {args.epochs:g} ({total} steps)"
+        raise CLIError(f"--resume: checkpoint {str(resume_from)!r} is at step {blob['step']}, past this run's "
+                       f"{length}; pass a larger one")
+
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)  # adapter initialisation (LoRA A) and dropout
+    base = load_base(model_dir, device, dtype, args.four_bit, args.gradient_checkpointing)
+    config = adapter_config(args.method, args.r, args.alpha, args.dropout, targets, base)
+    model = attach_adapter(base, config)
+
     adapter_meta = {"method": args.method, "targets": args.targets}
     if args.method != "ia3":
         adapter_meta.update(r=args.r, alpha=args.alpha)
-    meta = {"adapter": adapter_meta, "data_sha256": data_sha, "model": str(model_dir)}
+    meta = {"adapter": adapter_meta, "data_sha256": data_sha, "model": str(model_dir),
+            "settings": saved_settings(args, demo)}
     optimizer = make_optimizer(model, s)
     state = State()
     if resume_from is not None:
-        state = load_checkpoint(model, optimizer, resume_from, device, meta)
+        state = load_checkpoint(model, optimizer, resume_from, blob, s, device, meta)
 
     trainable, n_all = _param_counts(model)
     n_text = sum(ex.text is not None for ex in examples)
-    total = total_steps(len(rows), s)
     spe = steps_per_epoch(len(rows), args.batch_size, args.grad_accum)
     print(f"model    {'demo: tiny random Llama, ' if demo else ''}{model_dir}  ({n_all / 1e6:.2f}M params"
           f"{', 4-bit NF4' if args.four_bit else ''}, {str(dtype).replace('torch.', '')}, {device})")
@@ -232,7 +237,7 @@ def _run(args) -> int:
     print(f"steps    {total} ({total / spe:.3g} epochs x {spe} steps; batch {args.batch_size} x accum "
           f"{args.grad_accum}; lr {args.lr:g} {args.lr_scheduler})"
           + (f"; resuming {resume_from.name} at step {state.step}" if resume_from is not None else ""))
-    if resume_from is not None and _state_sha(resume_from) not in (None, data_sha):
+    if blob is not None and blob.get("meta", {}).get("data_sha256") not in (None, data_sha):
         print(f"warning: the data differ from those of {resume_from.name}; the resumed order will too",
               file=sys.stderr)
 
@@ -270,17 +275,6 @@ def _param_counts(model) -> tuple[int, int]:
         # a bitsandbytes Params4bit packs two weights per byte
         total += p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
     return trainable, total
-
-
-def _state_sha(ckpt: Path):
-    import torch
-
-    from ._train_loop import STATE_FILE
-
-    try:
-        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)["meta"].get("data_sha256")
-    except Exception:  # noqa: BLE001 - only a warning depends on it
-        return None
 
 
 def _save_final(model, tokenizer, out: Path, state, args, total: int, demo: bool, data_path: Path) -> None:
