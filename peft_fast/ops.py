@@ -357,7 +357,12 @@ def lora_mixed(x, lora_A, lora_B, scales, token_idx, out):
     """out [T, N] += s[i] (x A[i]^T) B[i]^T with i = token_idx[t] (-1: nothing), adapters stacked
     [n, R, K] / [n, N, R] with zero-padded ranks. The torch path groups tokens by adapter with
     the C++ extension's metadata and row gather (torch fallback without it); the Triton path
-    launches the segmented shrink/expand pair, or the per-token kernel for decode-sized batches."""
+    launches the segmented shrink/expand pair, or the per-token kernel for decode-sized batches.
+    Under autocast the adapter terms are computed in the stacks' dtype (not cast down) and added
+    into `out` in out's dtype."""
+    if autocast_dtype(x) is not None:  # the adapters' math in their own dtype, added into `out` (cast)
+        with no_autocast(x.device.type):
+            return lora_mixed(x, lora_A, lora_B, scales, token_idx, out)
     from . import _segments
     from .triton_kernels import multi_lora as _ml
 

@@ -1,0 +1,249 @@
+"""Mixed-precision training parity with real peft on tiny models: torch.autocast (bf16, fp16)
+around fp32 models, 16-bit models without autocast, fp16 with GradScaler, torch.compile under
+autocast, QLoRA and mixed-adapter batches under autocast, and transformers' Trainer(bf16=True).
+
+Autocast runs the math in 16 bits, so peft and peft_fast differ by rounding: each is compared
+with the same model run in fp64 (no autocast), and peft_fast's error must stay within 2x peft's
+error plus the dtype's tolerance (DESIGN.md); output and gradient dtypes must equal peft's.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import peft_fast
+from conftest import build_tiny_model, forward_with_loss, make_batch, tolerance
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+AUTOCAST = [torch.bfloat16, torch.float16]
+IDS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+LLAMA_IA3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+GPT2_IA3 = dict(target_modules=["c_attn", "c_fc", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)
+GPT2_LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM"}
+
+# p = 1e-9: the dropout code path (masks, keep scale) runs but keeps everything: comparable with peft
+METHODS = {
+    "lora": dict(r=4, lora_alpha=8),
+    "lora-dropout-path": dict(r=4, lora_alpha=8, lora_dropout=1e-9),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True),
+    "ia3": {},
+}
+
+
+def make_config(lib, kind, method):
+    if method == "ia3":
+        return lib.IA3Config(task_type=TASK[kind], **(LLAMA_IA3 if kind == "llama" else GPT2_IA3))
+    targets = dict(target_modules="all-linear") if kind == "llama" else GPT2_LORA
+    return lib.LoraConfig(task_type=TASK[kind], **targets, **METHODS[method])
+
+
+def randomise(model, seed=0):
+    """Nonzero B, non-unit IA3 vectors and DoRA magnitudes, identical in both libraries."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            g = torch.Generator().manual_seed(seed + sum(map(ord, n)))
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            if "lora_B" in n:
+                p.copy_(noise * 0.1)
+            elif "ia3_l" in n or "magnitude" in n:
+                p.mul_(1 + 0.2 * noise)
+
+
+def build(lib, kind, method, dtype=torch.float32):
+    base = build_tiny_model(kind, dtype)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = lib.get_peft_model(base, make_config(lib, kind, method))
+    randomise(m)
+    return m.train()
+
+
+def step(model, batch, ac_dtype=None):
+    """(logits, loss, {trainable name: grad}) of one forward/backward, under autocast(ac_dtype)."""
+    model.zero_grad(set_to_none=True)
+    if ac_dtype is None:
+        logits, loss = forward_with_loss(model, batch)
+    else:
+        with torch.autocast("cpu", dtype=ac_dtype):
+            logits, loss = forward_with_loss(model, batch)
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_as_accurate_as_peft(fast, ref, exact, dtype, what):
+    """|fast - exact| <= 2 |ref - exact| + atol(dtype) * scale, and same dtype as peft's."""
+    assert fast.dtype == ref.dtype, f"{what}: dtype {fast.dtype} != peft's {ref.dtype}"
+    assert torch.isfinite(fast.float()).all(), f"{what}: non-finite"
+    err = (fast.double() - exact.double()).abs().max().item()
+    base = (ref.double() - exact.double()).abs().max().item()
+    atol = tolerance(dtype)["atol"] * max(1.0, exact.abs().max().item())
+    assert err <= 2 * base + atol, f"{what}: error {err:.3e} > 2 x peft's {base:.3e} + {atol:.1e}"
+
+
+def compare_with_peft(kind, method, ac_dtype=None, model_dtype=torch.float32):
+    """peft_fast vs peft in the given precision, both against peft's fp64 run."""
+    batch = make_batch(kind)
+    ref_model = build(peft, kind, method, model_dtype)
+    exact_model = copy.deepcopy(ref_model).double()
+    fast_model = build(peft_fast, kind, method, model_dtype)
+    lr, Lr, gr = step(ref_model, batch, ac_dtype)
+    lf, Lf, gf = step(fast_model, batch, ac_dtype)
+    le, Le, ge = step(exact_model, batch)
+    dtype = ac_dtype or model_dtype
+    assert_as_accurate_as_peft(lf, lr, le, dtype, "logits")
+    assert_as_accurate_as_peft(Lf, Lr, Le, dtype, "loss")
+    assert set(gf) == set(gr) and gr
+    for k in gr:
+        assert gr[k] is not None and gf[k] is not None, k
+        assert_as_accurate_as_peft(gf[k], gr[k], ge[k], dtype, k)
+    return fast_model
+
+
+@pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_autocast_parity_with_peft(kind, method, ac):
+    compare_with_peft(kind, method, ac_dtype=ac)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST, ids=IDS.get)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_16bit_model_parity_with_peft(method, dtype):
+    """A bf16/fp16 model without autocast; adapters in fp32 as PEFT's autocast_adapter_dtype."""
+    m = compare_with_peft("llama", method, model_dtype=dtype)
+    adapter = [p for n, p in m.named_parameters() if p.requires_grad]
+    assert adapter and all(p.dtype == torch.float32 for p in adapter)
+
+
+@pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
+def test_autocast_with_real_dropout_trains(ac):
+    """p = 0.3: masks differ from peft's, so check dtypes as peft's and that every adapter
+    weight gets a finite, nonzero gradient."""
+    batch = make_batch("llama")
+    outs = {}
+    for lib in (peft, peft_fast):
+        base = build_tiny_model("llama")
+        m = lib.get_peft_model(base, lib.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
+        randomise(m)
+        outs[lib] = step(m.train(), batch, ac)
+    (lr, Lr, gr), (lf, Lf, gf) = outs[peft], outs[peft_fast]
+    assert lf.dtype == lr.dtype and Lf.dtype == Lr.dtype and set(gf) == set(gr)
+    for k, g in gf.items():
+        assert g.dtype == gr[k].dtype and torch.isfinite(g).all() and g.abs().sum() > 0, k
+
+
+def test_fp16_autocast_with_grad_scaler_trains_like_peft():
+    """fp16 autocast + torch.amp.GradScaler + SGD for a few steps (SGD: weights move linearly in the
+    gradients, so they stay comparable): the same losses and adapter weights as peft within fp16
+    tolerance, and the scaler skips the same steps (a high init scale with quick growth makes some steps overflow)."""
+    batch = make_batch("llama")
+    runs = {}
+    for lib in (peft, peft_fast):
+        m = build(lib, "llama", "lora")
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 17, growth_interval=2)
+        losses, scales = [], []
+        for _ in range(8):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = m(**batch).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+            scales.append(scaler.get_scale())
+        runs[lib] = (losses, scales, {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+    (lr, sr, wr), (lf, sf, wf) = runs[peft], runs[peft_fast]
+    assert sf == sr, f"GradScaler scales differ: {sf} vs peft's {sr}"
+    assert any(b < a for a, b in zip(sr, sr[1:])), f"no overflowed (skipped) step to compare: {sr}"
+    assert lf[-1] < lf[0], f"loss did not fall: {lf}"
+    torch.testing.assert_close(torch.tensor(lf), torch.tensor(lr), rtol=1e-2, atol=1e-2)
+    for k in wr:
+        torch.testing.assert_close(wf[k], wr[k], rtol=2e-2, atol=2e-2 * max(1.0, wr[k].abs().max().item()), msg=k)
+
+
+@pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_compile_fullgraph_under_autocast_matches_eager(method, ac):
+    torch._dynamo.reset()
+    batch = make_batch("llama")
+    eager = build(peft_fast, "llama", method)
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=False)
+    le, Le, ge = step(eager, batch, ac)
+    lc, Lc, gc = step(compiled, batch, ac)
+    assert lc.dtype == le.dtype
+    torch.testing.assert_close(lc, le, **tolerance(ac))
+    gc = {k.removeprefix("_orig_mod."): v for k, v in gc.items()}
+    assert set(gc) == set(ge)
+    for k in ge:
+        assert gc[k].dtype == ge[k].dtype == torch.float32
+        torch.testing.assert_close(gc[k], ge[k], rtol=tolerance(ac)["rtol"],
+                                   atol=tolerance(ac)["atol"] * max(1.0, ge[k].abs().max().item()), msg=k)
+
+
+@pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
+def test_mixed_adapter_batch_under_autocast_matches_peft(ac):
+    """adapter_names batches (inference) under autocast: same dtype as peft, each row as accurate."""
+    batch = make_batch("llama", batch=3)
+    batch.pop("labels")
+    names = ["default", "__base__", "b"]
+    outs = {}
+    for lib in (peft, peft_fast):
+        m = build(lib, "llama", "lora")
+        torch.manual_seed(5)
+        m.add_adapter("b", lib.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj"]))
+        randomise(m, seed=9)
+        m.eval()
+        with torch.no_grad():
+            exact = copy.deepcopy(m).double()(**batch, adapter_names=names).logits
+            with torch.autocast("cpu", dtype=ac):
+                got = m(**batch, adapter_names=names).logits
+        outs[lib] = (got, exact)
+    (gr, er), (gf, ef) = outs[peft], outs[peft_fast]
+    torch.testing.assert_close(ef, er)  # same weights in both libraries
+    assert_as_accurate_as_peft(gf, gr, er, ac, "mixed-batch logits")
+
+
+@pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
+def test_trainer_bf16_or_fp16_end_to_end_matches_peft(ac, tmp_path):
+    """transformers.Trainer(bf16=True / fp16=True) on CPU: peft_fast trains, its train losses follow
+    peft's, and the saved adapter loads back in peft with the same outputs."""
+    from transformers import Trainer, TrainingArguments
+
+    if ac == torch.float16:
+        pytest.importorskip("accelerate")
+    batch = make_batch("llama", batch=8, seq=12)
+    data = [{k: v[i] for k, v in batch.items()} for i in range(8)]
+    results = {}
+    for lib in (peft, peft_fast):
+        m = build(lib, "llama", "lora")
+        args = TrainingArguments(
+            output_dir=str(tmp_path / lib.__name__), per_device_train_batch_size=4, max_steps=4, learning_rate=5e-3,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+            bf16=ac == torch.bfloat16, fp16=ac == torch.float16, dataloader_num_workers=0, disable_tqdm=True,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = Trainer(model=m, args=args, train_dataset=data)
+            trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        results[lib] = (losses, m)
+    (lr, _), (lf, mf) = results[peft], results[peft_fast]
+    assert len(lf) == len(lr) == 4 and all(map(lambda v: v == v, lf))
+    torch.testing.assert_close(torch.tensor(lf), torch.tensor(lr), rtol=2e-2, atol=2e-2)
+    mf.save_pretrained(tmp_path / "adapter")  # (mf's forward stays wrapped in accelerate's autocast)
+    b = make_batch("llama")
+    with torch.no_grad():
+        logits = [lib.PeftModel.from_pretrained(build_tiny_model("llama"), tmp_path / "adapter").eval()(**b).logits
+                  for lib in (peft, peft_fast)]
+    torch.testing.assert_close(logits[1], logits[0], **tolerance(torch.float32))
+    assert (logits[0] - build_tiny_model("llama")(**b).logits).abs().max() > 1e-3, "the adapter did not train"
