@@ -57,8 +57,8 @@ def randomise(model, seed=0):
                 p.mul_(1 + 0.2 * noise)
 
 
-def build(lib, kind, method, dtype=torch.float32):
-    base = build_tiny_model(kind, dtype)
+def build(lib, kind, method, dtype=torch.float32, device="cpu"):
+    base = build_tiny_model(kind, dtype).to(device)
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -70,10 +70,12 @@ def build(lib, kind, method, dtype=torch.float32):
 def step(model, batch, ac_dtype=None):
     """(logits, loss, {trainable name: grad}) of one forward/backward, under autocast(ac_dtype)."""
     model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     if ac_dtype is None:
         logits, loss = forward_with_loss(model, batch)
     else:
-        with torch.autocast("cpu", dtype=ac_dtype):
+        with torch.autocast(device.type, dtype=ac_dtype):
             logits, loss = forward_with_loss(model, batch)
     loss.backward()
     return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -89,12 +91,12 @@ def assert_as_accurate_as_peft(fast, ref, exact, dtype, what):
     assert err <= 2 * base + atol, f"{what}: error {err:.3e} > 2 x peft's {base:.3e} + {atol:.1e}"
 
 
-def compare_with_peft(kind, method, ac_dtype=None, model_dtype=torch.float32):
+def compare_with_peft(kind, method, ac_dtype=None, model_dtype=torch.float32, device="cpu"):
     """peft_fast vs peft in the given precision, both against peft's fp64 run."""
     batch = make_batch(kind)
-    ref_model = build(peft, kind, method, model_dtype)
+    ref_model = build(peft, kind, method, model_dtype, device)
     exact_model = copy.deepcopy(ref_model).double()
-    fast_model = build(peft_fast, kind, method, model_dtype)
+    fast_model = build(peft_fast, kind, method, model_dtype, device)
     lr, Lr, gr = step(ref_model, batch, ac_dtype)
     lf, Lf, gf = step(fast_model, batch, ac_dtype)
     le, Le, ge = step(exact_model, batch)

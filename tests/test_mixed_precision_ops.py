@@ -41,9 +41,9 @@ def _run(fn, tensors, ac_dtype, upstream_seed=7):
     if ac_dtype is None:
         y = fn(*ts)
     else:
-        with torch.autocast("cpu", dtype=ac_dtype):
+        with torch.autocast(ts[0].device.type, dtype=ac_dtype):
             y = fn(*ts)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(y.dtype).to(y.device)
     y.backward(g)
     return y, [None if t is None or not t.requires_grad else t.grad for t in ts]
 
