@@ -87,7 +87,12 @@ class PeftConfig:
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
         with open(path_json_file) as f:
-            obj = json.load(f)
+            text = f.read()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:  # same type, with the file named
+            raise json.JSONDecodeError(f"Invalid JSON in {path_json_file!r} (truncated or corrupt?): {exc.msg}",
+                                       exc.doc, exc.pos) from exc
         if not isinstance(obj, dict):
             raise ValueError(f"{path_json_file} does not hold a JSON object")
         obj.pop("runtime_config", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import os
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from .utils.io import atomic_save_safetensors, atomic_torch_save
 from .utils.other import ModulesToSaveWrapper, set_trainable
 from .utils.peft_types import TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.transaction import rollback_on_error
 
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -62,10 +63,15 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
-        self.base_model = tuner_class_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
-        if autocast_adapter_dtype:
-            _cast_adapter_dtype(self.base_model.model, adapter_name)
-        self._add_task_modules_to_save(peft_config, adapter_name)
+        self.training = model.training  # report the base model's mode; its modules keep theirs
+        self._extend_task_modules_to_save(peft_config)
+        with rollback_on_error(model):  # a failed injection leaves the user's model untouched
+            self.base_model = tuner_class_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+            if autocast_adapter_dtype:
+                _cast_adapter_dtype(self.base_model.model, adapter_name)
+            if self._task_modules_to_save and hasattr(peft_config, "modules_to_save"):
+                set_trainable(self.base_model.model, adapter_name, peft_config.modules_to_save,
+                              inference_mode=peft_config.inference_mode)
 
     # ---- properties -----------------------------------------------------------------------------
     @property
@@ -108,7 +114,9 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def _add_task_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+    def _extend_task_modules_to_save(self, config: PeftConfig) -> None:
+        """Add the task head (e.g. 'classifier') to modules_to_save before injection, as PEFT does,
+        so that the injection itself wraps it with the right trainability."""
         extra = self._task_modules_to_save
         if not extra or not hasattr(config, "modules_to_save"):
             return
@@ -116,7 +124,6 @@ class PeftModel(nn.Module):
             config.modules_to_save = list(extra)
         else:
             config.modules_to_save = list(config.modules_to_save) + [m for m in extra if m not in config.modules_to_save]
-        set_trainable(self.base_model.model, adapter_name, config.modules_to_save, inference_mode=config.inference_mode)
 
     # ---- forward --------------------------------------------------------------------------------
     @contextmanager
@@ -172,45 +179,61 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} already exists")
         if peft_config.peft_type != self.peft_type:
             raise ValueError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and {peft_config.peft_type}.")
-        self.peft_config[adapter_name] = peft_config
-        try:
+        self._extend_task_modules_to_save(peft_config)
+        with rollback_on_error(self):  # nothing half-added
+            self.peft_config[adapter_name] = peft_config
             self.base_model.inject_adapter(self.base_model.model, adapter_name)
-        except Exception:
-            del self.peft_config[adapter_name]
-            raise
-        _cast_adapter_dtype(self.base_model.model, adapter_name)
-        self._add_task_modules_to_save(peft_config, adapter_name)
+            _cast_adapter_dtype(self.base_model.model, adapter_name)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found. Available adapters: {sorted(self.peft_config)}")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Enable (default) or disable gradients on the given adapter(s); others are unchanged."""
+        self.base_model.set_requires_grad(adapter_names=adapter_names, requires_grad=requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self):
-        """Context in which the model runs as the plain base model."""
+        """Context in which the model runs as the plain base model. Reentrant: on exit every
+        layer is enabled or disabled as it was on entry, and requires_grad flags the disabling
+        turned off are restored (ones changed inside the block are left as set there)."""
+        layers = self.base_model._tuner_layers()
+        was_disabled = [m.disable_adapters for m in layers]
+        params = list(self.parameters())
+        before = [p.requires_grad for p in params]
+        self.base_model.disable_adapter_layers()
+        during = [p.requires_grad for p in params]
         try:
-            self.base_model.disable_adapter_layers()
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            at_exit = [p.requires_grad for p in params]
+            for m, disabled in zip(layers, was_disabled):
+                m.enable_adapters(not disabled)
+            for p, b, d, e in zip(params, before, during, at_exit):
+                p.requires_grad_(b if e == d else e)
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs):
         """Load a PEFT-format adapter directory (safetensors preferred) as `adapter_name`."""
         model_id = str(model_id)
-        if adapter_name not in self.peft_config:
-            config = PeftConfig.from_pretrained(model_id, **kwargs)
-            config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config)
-        weights = load_peft_weights(model_id, device=torch_device, **kwargs)
-        result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
-        if autocast_adapter_dtype:
-            _cast_adapter_dtype(self.base_model.model, adapter_name)
+        with rollback_on_error(self):  # a bad file or a shape mismatch leaves no half-added adapter
+            if adapter_name not in self.peft_config:
+                config = PeftConfig.from_pretrained(model_id, **kwargs)
+                config.inference_mode = not is_trainable
+                self.add_adapter(adapter_name, config)
+                # the new adapter is inactive, hence frozen; only it becomes trainable (as in PEFT)
+                if is_trainable:
+                    self.set_requires_grad(adapter_name)
+            weights = load_peft_weights(model_id, device=torch_device, **kwargs)
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+            if autocast_adapter_dtype:
+                _cast_adapter_dtype(self.base_model.model, adapter_name)
         if not is_trainable:
             self.eval()
         return result
@@ -230,9 +253,10 @@ class PeftModel(nn.Module):
         task = config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type
         if cls is PeftModel and task in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
-                                autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
+        with rollback_on_error(model):  # a failed load leaves the user's model as it was
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
+                                    autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
         return peft_model
 
     # ---- saving ---------------------------------------------------------------------------------

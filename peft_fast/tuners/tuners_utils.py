@@ -190,6 +190,9 @@ class BaseTunerLayer:
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         self._set_adapter_grad(names, requires_grad, only_in=True)
 
+    def _check_merge_supported(self, adapter_names: list[str]) -> None:
+        """Raise before anything is merged if this layer cannot merge `adapter_names`."""
+
     def delete_adapter(self, adapter_name: str) -> None:
         for _, d in self._adapter_dicts():
             if adapter_name in d:
@@ -269,6 +272,7 @@ class BaseTuner(nn.Module):
         if not hasattr(self, "peft_config"):
             self.peft_config = {adapter_name: peft_config} if isinstance(peft_config, PeftConfig) else peft_config
         self.active_adapter: Union[str, list[str]] = adapter_name
+        self.training = model.training  # the wrapper reports the base model's mode (not recursive)
         self.inject_adapter(self.model, adapter_name, state_dict=state_dict)
         self.model.peft_config = self.peft_config
 
@@ -319,6 +323,9 @@ class BaseTuner(nn.Module):
         peft_config = self._prepare_adapter_config(peft_config, self.get_model_config(model))
         named = list(model.named_modules())
         existing = [k + "." for k, m in named if isinstance(m, BaseTunerLayer)]
+        # adding an adapter never changes the trainability of what was already there (other adapters,
+        # their modules_to_save copies, the base model); only the first adapter freezes the base model
+        prior_grads = [(p, p.requires_grad) for p in model.parameters()] if existing else []
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
         from_state = None
         if state_dict is not None:
@@ -348,17 +355,27 @@ class BaseTuner(nn.Module):
                 f"model. Please check the target modules and try again."
             )
         self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
-        self.set_adapter(self.active_adapter)
+        # the new adapter's modules follow their layer's train/eval mode (a dropout created in
+        # train mode inside an eval model would make inference random)
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                for _, d in m._adapter_dicts():
+                    item = d[adapter_name] if adapter_name in d else None
+                    if isinstance(item, nn.Module):
+                        item.train(m.training)
+        self.set_adapter(self.active_adapter, inference_mode=peft_config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
-        if peft_config.inference_mode:
-            for n, p in model.named_parameters():
-                if adapter_name in n:
-                    p.requires_grad = False
         set_trainable(model, adapter_name, getattr(peft_config, "modules_to_save", None),
-                      inference_mode=peft_config.inference_mode)
+                      inference_mode=peft_config.inference_mode, activate_adapter=adapter_name in self.active_adapters)
+        for p, requires_grad in prior_grads:
+            p.requires_grad = requires_grad
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
+        # the adapter layer takes the train/eval mode of the module it wraps (the base layer keeps its own)
+        for name, sub in new_module.named_modules():
+            if not name.startswith("base_layer"):
+                sub.training = child.training
         base = child.base_layer if hasattr(child, "base_layer") else child
         weight = getattr(base, "weight", None)
         if weight is None:
@@ -368,9 +385,18 @@ class BaseTuner(nn.Module):
                 module.to(weight.device)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            # modules_to_save copies manage their own requires_grad
-            if self.prefix not in n and ".modules_to_save." not in n:
+        # adapter parameters are found structurally, not by name: a base module whose name contains
+        # the prefix ("lora_proj") is frozen too; modules_to_save copies manage their own requires_grad
+        keep = set()
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                for _, d in m._adapter_dicts():
+                    if isinstance(d, nn.Module):
+                        keep.update(id(p) for p in d.parameters())
+            elif isinstance(m, ModulesToSaveWrapper):
+                keep.update(id(p) for p in m.modules_to_save.parameters())
+        for p in model.parameters():
+            if id(p) not in keep:
                 p.requires_grad = False
         for active in self.active_adapters:
             bias = getattr(self.peft_config[active], "bias", "none")
@@ -423,6 +449,25 @@ class BaseTuner(nn.Module):
                 m.set_adapter(adapter_name, inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Enable or disable gradients on the given adapter(s) (their layers and modules_to_save
+        copies); other adapters are left as they are."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_known_adapters(names, "adapter_names")
+        for m in self.model.modules():
+            if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)):
+                m.set_requires_grad(names, requires_grad=requires_grad)
+
+    def _check_known_adapters(self, adapter_names, arg: str = "adapter_names") -> None:
+        """ValueError naming the unknown adapter(s) and the known ones (PEFT skips them silently)."""
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str):
+            raise ValueError(f"{arg} should be a list of strings, got {adapter_names!r}.")
+        unknown = [a for a in adapter_names if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown} in `{arg}`. Available adapters: {sorted(self.peft_config)}")
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist. Available adapters: {sorted(self.peft_config)}")
@@ -442,8 +487,16 @@ class BaseTuner(nn.Module):
     def _check_merge_allowed(self) -> None:
         pass
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def _check_merge_inputs(self, adapter_names: Optional[list[str]]) -> None:
+        """Every check a merge needs, before any weight changes: no half-merged model on bad input."""
         self._check_merge_allowed()
+        self._check_known_adapters(adapter_names)
+        for m in self.model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m._check_merge_supported(m.active_adapters if adapter_names is None else list(adapter_names))
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_merge_inputs(adapter_names)
         for m in self.model.modules():
             if isinstance(m, BaseTunerLayer):
                 m.merge(adapter_names=adapter_names, safe_merge=safe_merge)
@@ -456,7 +509,7 @@ class BaseTuner(nn.Module):
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
         if merge:
-            self._check_merge_allowed()
+            self._check_merge_inputs(adapter_names)
         keys = [k for k, _ in self.model.named_modules() if self.prefix not in k]
         for key in _progress(keys, progressbar, "Unloading " + ("and merging " if merge else "") + "model"):
             try:

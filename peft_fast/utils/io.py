@@ -58,7 +58,11 @@ def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device=str(device))
+        try:
+            return load_file(path, device=str(device))
+        except Exception as exc:  # noqa: BLE001 - re-raised, same type where possible, with the file named
+            raise _with_path(exc, f"Could not read adapter weights from {path!r} (corrupt or truncated "
+                                  f"safetensors file?): {exc}") from exc
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
@@ -66,3 +70,13 @@ def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict:
             f"Refusing to load {path!r}: it is not a safetensors file and could not be read with "
             f"torch.load(weights_only=True) ({exc}). Convert it to safetensors or load it from a trusted source."
         ) from exc
+
+
+def _with_path(exc: Exception, message: str) -> Exception:
+    """`exc`'s type with `message` (callers catching e.g. SafetensorError still catch it), or a
+    ValueError where that type cannot be built from a message."""
+    try:
+        new = type(exc)(message)
+    except Exception:  # noqa: BLE001 - constructors with other signatures
+        return ValueError(message)
+    return new if str(new) == message else ValueError(message)

@@ -136,11 +136,21 @@ class ModulesToSaveWrapper(nn.Module):
         if len(names) > 1:
             raise ValueError(f"Attempted to set multiple ({names}) adapters at once for modules_to_save.")
         if not names:
+            for name in self.active_adapters:  # as PEFT: the copies that were in use are frozen
+                if name in self.modules_to_save:
+                    set_requires_grad(self.modules_to_save[name], False)
             self._active_adapter = []
             return
         for name, module in self.modules_to_save.items():
             set_requires_grad(module, name == names[0] and not inference_mode)
         self._active_adapter = names[0]
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Enable or disable gradients on the copies of the given adapter(s)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, module in self.modules_to_save.items():
+            if name in names:
+                set_requires_grad(module, requires_grad)
 
     def delete_adapter(self, adapter_name: str, new_active_adapters: Optional[list[str]] = None) -> None:
         if adapter_name not in self.modules_to_save:
@@ -166,8 +176,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapters[0]]
 
 
-def set_trainable(model: nn.Module, adapter_name: str, module_names, inference_mode: bool) -> None:
-    """Wrap every module whose name ends with one of `module_names` in a ModulesToSaveWrapper."""
+def set_trainable(model: nn.Module, adapter_name: str, module_names, inference_mode: bool,
+                  activate_adapter: bool = True) -> None:
+    """Wrap every module whose name ends with one of `module_names` in a ModulesToSaveWrapper.
+    A new wrapper uses the adapter's copy only if `activate_adapter` (the adapter is active)."""
     if not module_names:
         return
     from peft_fast.tuners.tuners_utils import BaseTunerLayer
@@ -182,10 +194,13 @@ def set_trainable(model: nn.Module, adapter_name: str, module_names, inference_m
             raise TypeError(f"modules_to_save cannot be applied to the adapter layer {key!r}")
         if isinstance(target, ModulesToSaveWrapper):
             target.update(adapter_name)
-            target.set_adapter(target.active_adapters or adapter_name, inference_mode=inference_mode)
+            # the copy in use stays in use; an inactive adapter's copy is not switched on
+            target.set_adapter(target.active_adapters or (adapter_name if activate_adapter else []),
+                               inference_mode=inference_mode)
         else:
             new = ModulesToSaveWrapper(target, adapter_name)
-            new.set_adapter(adapter_name, inference_mode=inference_mode)
+            new.training = new.modules_to_save.training = target.training  # not recursive: copies keep theirs
+            new.set_adapter(adapter_name if activate_adapter else [], inference_mode=inference_mode)
             setattr(parent, target_name, new)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import ModulesToSaveWrapper, _get_submodules, get_pattern_key, is_conv1d
+from ...utils.transaction import rollback_on_error
 from ..tuners_utils import BaseTuner, BaseTunerLayer
 from .config import LoraConfig
 from .bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
@@ -118,7 +119,16 @@ class LoraModel(BaseTuner):
         (concatenated ranks, exact) or 'svd' (truncated SVD of the weighted delta)."""
         if adapter_name in self.peft_config:
             return
+        if not adapters or weights is None or len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter needs one weight per adapter: got weights={weights!r} for "
+                             f"adapters={adapters!r}")
         combination_type, new_rank, new_targets = self._check_add_weighted_adapter(adapters, combination_type, svd_rank)
+        with rollback_on_error(self):  # a failure leaves no half-added adapter
+            self._add_weighted_adapter(adapters, weights, adapter_name, combination_type, new_rank, new_targets,
+                                       svd_clamp, svd_full_matrices, svd_driver)
+
+    def _add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, new_rank, new_targets,
+                              svd_clamp, svd_full_matrices, svd_driver) -> None:
         self.peft_config[adapter_name] = replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
                                                  target_modules=new_targets, alpha_pattern={}, rank_pattern={})
         self.inject_adapter(self.model, adapter_name)
