@@ -47,6 +47,7 @@ def _fill_padded(new_layer, lora_module, padded: torch.Tensor, weight_kind: str,
     """Give `new_layer` the zero-padded weight and the old bias, with PEFT's shape checks and
     messages (weight_kind / bias_kind name the layer kind as PEFT's messages do)."""
     new_layer.weight.requires_grad_(lora_module.weight.requires_grad)
+    new_layer.train(lora_module.training)  # a padded copy keeps the train/eval mode too
     if new_layer.weight.shape != padded.shape:
         raise ValueError(
             f"Something went wrong when trying to pad the LoRA {weight_kind}, the new shape should be "
@@ -415,13 +416,18 @@ def hotswap_adapter_from_state_dict(
         old_val = attrgetter(key)(model)
         old_val.data.fill_(0.0)
 
+    swapped_modules = {}
     for key, new_val in state_dict.items():
         # the LoRA layer: the key without 'lora_*.<adapter-name>.weight'
         module_name = ".".join(key.split(".")[:-3])
         module = model.get_submodule(module_name)
 
-        r_key = get_pattern_key(config.rank_pattern.keys(), key)
-        alpha_key = get_pattern_key(config.alpha_pattern.keys(), key)
+        # rank/alpha patterns name modules (as at injection), not parameter keys: matching them
+        # against the key (PEFT 0.21.2) never hits, so a rank_pattern module got alpha / r
+        relative_name = _relative_module_name(module_name)
+        swapped_modules[relative_name] = module
+        r_key = get_pattern_key(config.rank_pattern.keys(), relative_name)
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), relative_name)
         rank = config.rank_pattern.get(r_key, config.r)
         alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
         if config.use_rslora:
@@ -470,17 +476,81 @@ def hotswap_adapter_from_state_dict(
                     "peft.utils.hotswap.prepare_model_for_compiled_hotswap."
                 )
         elif new_is_larger:
+            requires_grad = old_val.requires_grad
             try:
                 torch.utils.swap_tensors(old_val, new_val)
             except RuntimeError:
                 # swap_tensors refuses tensors with weakrefs; rebinding the storage still works
                 # eagerly (growing the rank of a compiled, padded model is unsupported anyway)
                 old_val.data = new_val.data
+            old_val.requires_grad_(requires_grad)  # a swap must not change trainability
         else:
             raise ValueError(
                 "Something went wrong during hotswapping, please open an issue on PEFT: "
                 "https://github.com/huggingface/peft/issues"
             )
+
+    _sync_config_after_hotswap(model, adapter_name, config, swapped_modules)
+
+
+_MODEL_PREFIXES = ("_orig_mod.", "base_model.model.")
+
+
+def _relative_module_name(module_name: str) -> str:
+    """A module's name inside the base model, as `rank_pattern` / `alpha_pattern` keys name it."""
+    for prefix in _MODEL_PREFIXES:
+        module_name = module_name.removeprefix(prefix)
+    return module_name
+
+
+def _sync_config_after_hotswap(model, adapter_name: str, config: LoraConfig, swapped_modules: dict) -> None:
+    """Make the model's config of `adapter_name` describe the swapped-in adapter, so that saving
+    and reloading give the same outputs (PEFT 0.21.2 keeps the old alpha and rank in the config).
+
+    It takes the new adapter's r / lora_alpha / rank_pattern / alpha_pattern; where a layer's tensors
+    keep a larger (padded) rank, its config rank becomes the tensor's and its alpha the one giving
+    the same scaling -- through r / lora_alpha if every unpatterned layer agrees, else per-layer
+    pattern entries."""
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict) or adapter_name not in peft_config:
+        return
+    current = peft_config[adapter_name]
+    if not isinstance(current, LoraConfig):
+        return
+    rank_pattern, alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
+    r, lora_alpha = config.r, config.lora_alpha
+    denom = math.sqrt if current.use_rslora else float  # scaling = alpha / denom(rank)
+    fixes, unpatterned = {}, []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weights = module.lora_A if adapter_name in module.lora_A else module.lora_embedding_A
+        if adapter_name not in weights:
+            continue
+        name = _relative_module_name(name)
+        tensor = weights[adapter_name]
+        rank = (tensor.weight if isinstance(tensor, torch.nn.Module) else tensor).shape[0]
+        r_key, a_key = get_pattern_key(rank_pattern, name), get_pattern_key(alpha_pattern, name)
+        if r_key not in rank_pattern and a_key not in alpha_pattern:
+            unpatterned.append(name)
+        cfg_rank, cfg_alpha = rank_pattern.get(r_key, r), alpha_pattern.get(a_key, lora_alpha)
+        scaling = float(module.scaling[adapter_name])
+        # layers the new adapter lacks were zeroed: only their rank matters
+        scaling_ok = name not in swapped_modules or math.isclose(cfg_alpha / denom(cfg_rank), scaling, rel_tol=1e-6)
+        if cfg_rank != rank or not scaling_ok:
+            fixes[name] = (rank, scaling * denom(rank) if name in swapped_modules else cfg_alpha)
+    added = {}
+    if fixes and len(set(fixes.values())) == 1 and set(fixes) == set(unpatterned):
+        r, lora_alpha = next(iter(fixes.values()))
+    elif fixes:  # exact names first: get_pattern_key takes the first key that matches
+        added = {re.escape(n): v for n, v in fixes.items()}
+        rank_pattern = {**{k: v[0] for k, v in added.items()}, **{k: v for k, v in rank_pattern.items() if k not in added}}
+        alpha_pattern = {**{k: v[1] for k, v in added.items()},
+                         **{k: v for k, v in alpha_pattern.items() if k not in added}}
+    current.r, current.lora_alpha = r, lora_alpha
+    current.rank_pattern, current.alpha_pattern = rank_pattern, alpha_pattern
+    # remembered (not saved) so that the next hot-swap's alpha_pattern check ignores these entries
+    current._hotswap_pattern_keys = set(added)
 
 
 def check_hotswap_configs_compatible(config0: PeftConfig, config1: PeftConfig) -> None:
@@ -498,8 +568,12 @@ def check_hotswap_configs_compatible(config0: PeftConfig, config1: PeftConfig) -
         raise ValueError(msg)
     config_keys_to_check = CONFIG_KEYS_TO_CHECK[config0.peft_type]
 
+    # alpha_pattern entries written by a previous hot-swap (padded layers) are not the user's
+    synced = getattr(config0, "_hotswap_pattern_keys", set())
     config0 = config0.to_dict()
     config1 = config1.to_dict()
+    if synced and isinstance(config0.get("alpha_pattern"), dict):
+        config0["alpha_pattern"] = {k: v for k, v in config0["alpha_pattern"].items() if k not in synced}
     sentinel = object()
     for key in config_keys_to_check:
         val0 = config0.get(key, sentinel)

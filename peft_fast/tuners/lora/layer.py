@@ -536,8 +536,8 @@ class _ConvNd(nn.Module, LoraLayer):
                  use_dora: bool = False, lora_bias: bool = False, **kwargs) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
-        if base_layer.groups > 1 and use_dora:
-            raise NotImplementedError("DoRA with grouped convolutions is not supported")
+        if base_layer.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         self._kernel_dim = base_layer.weight.dim()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -546,14 +546,43 @@ class _ConvNd(nn.Module, LoraLayer):
 
     def _make_lora_modules(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
+        if r % base.groups != 0:  # lora_B is grouped like the base layer
+            raise ValueError(
+                f"Targeting a {base.__class__.__name__} with groups={base.groups} and rank {r}. "
+                "Currently, support is limited to conv layers where the rank is divisible by groups. "
+                "Either choose a different rank or do not target this specific layer."
+            )
         ones = (1,) * (self._kernel_dim - 2)
         self.lora_A[adapter_name] = type(base)(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
         self.lora_B[adapter_name] = type(base)(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
 
-    def _init_dora(self, adapter_name: str) -> None:
+    def _dora_lora_weight(self, adapter: str) -> torch.Tensor:
+        """DoRA's s * dW, as PEFT computes it for its norm: (B.view(-1, r) @ A.view(r, -1)) reshaped
+        to the base weight's shape. Equal to the conv delta for groups == 1; for grouped convs it is
+        PEFT's (not a merge delta), kept so that magnitudes and outputs match PEFT's."""
+        A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        r = A.shape[0]
         w = self.get_base_layer().weight
-        norm = (w + self.get_delta_weight(adapter_name).detach()).flatten(1).norm(dim=1)
-        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.view(1, -1, *([1] * (self._kernel_dim - 2))))
+        return (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(w.shape) * self.scaling[adapter]
+
+    def _dora_weight_norm(self, adapter: str) -> torch.Tensor:
+        """||W + s dW|| per output channel, detached, shaped [1, N, 1, ...] to broadcast on outputs."""
+        weight = self.get_base_layer().weight + self._dora_lora_weight(adapter).detach()
+        return weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(1, 0).detach()
+
+    def _init_dora(self, adapter_name: str) -> None:
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self._dora_weight_norm(adapter_name))
+
+    def _check_merge_supported(self, adapter_names: list[str]) -> None:
+        if self.get_base_layer().groups > 1 and any(a in self.lora_A for a in adapter_names):
+            # https://github.com/huggingface/peft/pull/2403
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        names = self.active_adapters if adapter_names is None else adapter_names
+        if not isinstance(names, str):  # a str is refused with PEFT's message by LoraLayer.merge
+            self._check_merge_supported(list(names))
+        LoraLayer.merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         B, A = self.lora_B[adapter].weight, self.lora_A[adapter].weight
@@ -594,9 +623,7 @@ class _ConvNd(nn.Module, LoraLayer):
             else:
                 xa = drop(xa)
                 base_result = self.conv_fn(xa, base.weight, None, base.stride, base.padding, base.dilation, base.groups)
-            delta = self.get_delta_weight(a).detach()
-            norm = (base.weight + delta).flatten(1).norm(dim=1).detach()
-            c = self.lora_magnitude_vector[a].weight / norm.view(1, -1, *([1] * (self._kernel_dim - 2)))
+            c = self.lora_magnitude_vector[a].weight / self._dora_weight_norm(a)
             result = result + (c - 1) * base_result + c * B(A(xa)) * s
         return result.to(out_dtype)
 
