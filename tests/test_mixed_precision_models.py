@@ -249,3 +249,71 @@ def test_trainer_bf16_or_fp16_end_to_end_matches_peft(ac, tmp_path):
                   for lib in (peft, peft_fast)]
     torch.testing.assert_close(logits[1], logits[0], **tolerance(torch.float32))
     assert (logits[0] - build_tiny_model("llama")(**b).logits).abs().max() > 1e-3, "the adapter did not train"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama_mp")
+    build_tiny_model("llama").save_pretrained(d)
+    return str(d)
+
+
+def exact_dense_twin(qmodel, llama_dir, kind_method):
+    """peft on an fp64 dense copy of a 4-bit peft model: each NF4 weight replaced by its exact
+    dequantization (never bitsandbytes' CPU kernel, which rounds through bf16 on CPUs with
+    avx512_bf16), the same adapter weights. The reference both libraries' errors are measured from."""
+    from transformers import LlamaForCausalLM
+
+    from peft_fast.quant import dequantize_nf4_ref, nf4_from_bnb
+
+    dense = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float64)
+    with torch.no_grad():
+        for name, mod in qmodel.base_model.model.named_modules():
+            if type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes"):
+                target = dense.get_submodule(name.removesuffix(".base_layer"))
+                target.weight.copy_(dequantize_nf4_ref(nf4_from_bnb(mod.weight), torch.float32).double())
+    twin = peft.get_peft_model(dense, make_config(peft, "llama", kind_method))
+    peft.set_peft_model_state_dict(twin, {k: v.double() for k, v in peft.get_peft_model_state_dict(qmodel).items()})
+    return twin.train()
+
+
+@pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=lambda d: "compute-" + IDS[d])
+def test_qlora_under_autocast_parity_with_peft(llama_dir, method, compute, ac):
+    """4-bit NF4 base (bitsandbytes), fp32 non-quantized weights as after
+    prepare_model_for_kbit_training, under autocast: as accurate as peft against an exact fp64
+    twin; the fused QLoRA op is the one used for LoRA."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from peft_fast.functional import qlora as fq
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                           bnb_4bit_use_double_quant=True)
+    batch = make_batch("llama")
+    runs, models = {}, {}
+    for lib in (peft, peft_fast):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=q, dtype=torch.float32).train()
+            torch.manual_seed(1)
+            m = lib.get_peft_model(base, make_config(lib, "llama", method))
+        randomise(m)
+        calls = []
+        real = fq.QLoraLinearFunction.apply
+        fq.QLoraLinearFunction.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            runs[lib] = step(m.train(), batch, ac)
+        finally:
+            fq.QLoraLinearFunction.apply = real
+        if lib is peft_fast and method == "lora":
+            assert calls, "the fused QLoRA op was not used under autocast"
+        models[lib] = m
+    le, Le, ge = step(exact_dense_twin(models[peft], llama_dir, method), batch)
+    (lr, Lr, gr), (lf, Lf, gf) = runs[peft], runs[peft_fast]
+    assert_as_accurate_as_peft(lf, lr, le, ac, "logits")
+    assert_as_accurate_as_peft(Lf, Lr, Le, ac, "loss")
+    assert set(gf) == set(gr) and gr
+    for k in gr:
+        assert_as_accurate_as_peft(gf[k], gr[k], ge[k], ac, k)

@@ -177,8 +177,9 @@ def test_ia3_op_under_autocast(ac, is_ff, x_dtype):
 @pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=lambda d: "nf4" + IDS[d])
 def test_qlora_op_under_autocast(ac, w_dtype):
-    """The NF4 op computes in the autocast dtype and returns x's dtype, as bitsandbytes'
-    Linear4bit (`matmul_4bit(...).to(inp_dtype)`) under autocast."""
+    """The NF4 op runs its base GEMM in the weight's (compute) dtype whatever the autocast, and
+    returns x's dtype, as bitsandbytes' Linear4bit under PEFT (`matmul_4bit(x.to(compute_dtype),
+    ...).to(inp_dtype)`, a custom op autocast passes through); PEFT's adapters run under autocast."""
     from peft_fast.quant import quantize_nf4
     from peft_fast.triton_kernels.nf4 import nf4_dequantize_ref
 
@@ -189,12 +190,14 @@ def test_qlora_op_under_autocast(ac, w_dtype):
     def fused(x, b, *AB):
         return PF.qlora_linear(x, nf4, b, AB[:2], AB[2:], [2.0, 0.5], [0.0, 0.0])
 
-    def composite(x, b, *AB):  # bitsandbytes: x to the weight's dtype, linear (autocast), back to x's dtype
+    def composite(x, b, *AB):  # bitsandbytes: x to the compute dtype, 4-bit matmul (no autocast), back
         wdt = torch.float64 if x.dtype == torch.float64 else w_dtype
-        base = F.linear(x.to(wdt), Wq.to(wdt), b.to(wdt)).to(x.dtype)
+        with torch.autocast("cpu", enabled=False):
+            base = F.linear(x.to(wdt), Wq.to(wdt), b.to(wdt)).to(x.dtype)
         y = base
+        xl = x.to(wdt)  # the one read of x serves both: the adapters see it in the compute dtype too
         for A, B, s in zip(AB[:2], AB[2:], [2.0, 0.5]):
-            y = y + F.linear(F.linear(x, A), B) * s
+            y = y + F.linear(F.linear(xl, A), B) * s
         return y.to(base.dtype)
 
     _check(fused, composite, [x, b, *As, *Bs], ac)

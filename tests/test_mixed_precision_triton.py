@@ -1,6 +1,6 @@
 """The mixed-precision tests through the Triton kernels (interpreter on CPU; `make test` runs
 this file with TRITON_INTERPRET=1): every op-level autocast/16-bit test, and model-level parity
-with peft under autocast, on 16-bit models and in mixed-adapter batches.
+with peft under autocast, on 16-bit models, on 4-bit (QLoRA) models and in mixed-adapter batches.
 
 The interpreter computes bf16 dots in fp32 (DESIGN.md), so these check dtypes, casts and the
 fp32-accumulated result; the bf16 tensor-core path itself is covered by the `gpu` tests.
@@ -12,8 +12,8 @@ import torch
 
 from peft_fast import ops
 from test_mixed_precision_models import (  # noqa: F401  (re-collected under the interp marker)
-    test_16bit_model_parity_with_peft, test_autocast_parity_with_peft,
-    test_mixed_adapter_batch_under_autocast_matches_peft,
+    llama_dir, test_16bit_model_parity_with_peft, test_autocast_parity_with_peft,
+    test_mixed_adapter_batch_under_autocast_matches_peft, test_qlora_under_autocast_parity_with_peft,
 )
 from test_mixed_precision_ops import (  # noqa: F401
     test_backward_runs_inside_another_autocast_region, test_dora_op_under_autocast, test_ia3_op_under_autocast,

@@ -6,8 +6,13 @@ Backward: as LoRA (functional/lora.py) with W frozen; dequant(W) is rebuilt for 
     g_i = s_i dy B_i,  dx = dy dequant(W) + sum_i (m_i / (1 - p_i)) (g_i A_i),
     dA_i = g_i^T D_i(x),  dB_i = s_i dy^T xa_i,  db = colsum(dy) (when the bias trains).
 Saved: x, A_i, B_i, xa_i and the dropout state (1-byte masks on CPU, a seed on GPU).
-Under torch.autocast the op computes in the autocast dtype (W decoded straight into it) and
-returns x's dtype, as bitsandbytes' Linear4bit (`matmul_4bit(...).to(inp_dtype)`) under PEFT.
+Precision follows bitsandbytes' Linear4bit under PEFT: x is cast to the layer's compute dtype,
+the 4-bit GEMM runs in it (W decoded straight into it) and the result comes back in x's dtype
+(`matmul_4bit(x.to(compute_dtype), ...).to(inp_dtype)`). torch.autocast does not lower it:
+bitsandbytes >= 0.46 runs the 4-bit matmul as a custom op that autocast passes through. The
+adapters compute in their own dtype (fp32 adapters: fp32 terms and gradients) on the same cast x
+(one read of x serves both; PEFT's adapters see x under autocast instead: the same values unless
+the compute dtype is coarser than the autocast dtype, e.g. bf16 compute under fp16 autocast).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ class QLoraLinearFunction(torch.autograd.Function):
         n = len(lora_AB) // 2
         ctx.dtypes = [None if t is None else t.dtype for t in (x, bias, *lora_AB)]
         x, bias = to_dtype(compute_dtype, x, bias)
-        As, Bs = to_dtype(compute_dtype, *lora_AB[:n]), to_dtype(compute_dtype, *lora_AB[n:])
+        As, Bs = list(lora_AB[:n]), list(lora_AB[n:])
         y, xas, masks = ops.qlora_fwd(x, nf4, bias, As, Bs, scaling, dropout_p)
         ctx.n, ctx.nf4, ctx.scaling, ctx.dropout_p = n, nf4, scaling, dropout_p
         ctx.has_mask = [m is not None for m in masks]
@@ -52,27 +57,32 @@ class QLoraLinearFunction(torch.autograd.Function):
 
 
 def qlora_linear(
-    x: torch.Tensor,  # [..., K], dtype nf4.dtype (any floating dtype under autocast)
+    x: torch.Tensor,  # [..., K], any floating dtype
     nf4: NF4Operand,  # W [N, K] in 4 bits
     bias: Optional[torch.Tensor],  # [N]
     lora_A: Sequence[torch.Tensor],  # each [r_i, K]
     lora_B: Sequence[torch.Tensor],  # each [N, r_i]
     scaling: Sequence[float],
     dropout_p: Sequence[float],
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """[..., K] -> [..., N]; dropout_p must be 0 outside training; 0-dim tensor scalings are folded
-    into their B (fold_tensor_scaling)."""
+    """[..., K] -> [..., N] in x's dtype; the base GEMM runs in `compute_dtype` (bitsandbytes'
+    `Linear4bit.compute_dtype`; default nf4.dtype), also under torch.autocast (see the module
+    docstring). dropout_p must be 0 outside training; 0-dim tensor scalings are folded into their B
+    (fold_tensor_scaling)."""
     lora_B, scaling = fold_any_tensor_scalings(lora_B, scaling)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    cd, scope = autocast_scope(x)
-    if cd is not None and nf4.dtype != cd:
+    cd = nf4.dtype if compute_dtype is None else compute_dtype
+    if nf4.dtype != cd:
         nf4 = nf4._replace(dtype=cd)  # decode W straight into the compute dtype
+    cast = cd if x.dtype != cd or (bias is not None and bias.dtype != cd) else None
+    _, scope = autocast_scope(x)
     with scope:
         if not needs_autograd(x, bias, lora_A, lora_B):
-            xc, b = to_dtype(cd, x2, bias)
-            y = ops.qlora_fwd(xc, nf4, b, to_dtype(cd, *lora_A), to_dtype(cd, *lora_B), scaling, dropout_p)[0]
+            xc, b = to_dtype(cast, x2, bias)
+            y = ops.qlora_fwd(xc, nf4, b, lora_A, lora_B, scaling, dropout_p)[0]
         else:
-            y = QLoraLinearFunction.apply(x2, nf4, bias, tuple(scaling), tuple(float(p) for p in dropout_p), cd,
+            y = QLoraLinearFunction.apply(x2, nf4, bias, tuple(scaling), tuple(float(p) for p in dropout_p), cast,
                                           *lora_A, *lora_B)
     return y.view(*lead, y.shape[-1]).to(x.dtype)

@@ -101,7 +101,8 @@ class Linear4bit(_QuantizedLinear):
             op is not None and not args and not kwargs
             and not base._forward_hooks and not base._forward_pre_hooks
             and ((x.dtype == op.dtype and (compute is None or compute == x.dtype))
-                 or (x.is_floating_point() and ops.autocast_dtype(x) is not None))  # the op casts, as bnb + autocast
+                 # under autocast the op casts x to the compute dtype and back, as Linear4bit does
+                 or (x.is_floating_point() and ops.autocast_dtype(x) is not None))
             and x.shape[-1] == self.in_features
         )
 
@@ -111,7 +112,7 @@ class Linear4bit(_QuantizedLinear):
         return qlora_linear(
             x, self.nf4_operand(), self.base_layer.bias, [self.lora_A[a].weight for a in active],
             [self.lora_B[a].weight for a in active], [self.scaling[a] for a in active],
-            [self._dropout_p(a) for a in active],
+            [self._dropout_p(a) for a in active], getattr(self.base_layer, "compute_dtype", None),
         )
 
     def __repr__(self) -> str:
