@@ -32,6 +32,7 @@ METHODS = {
     "lora": dict(r=4, lora_alpha=8),
     "lora-dropout-path": dict(r=4, lora_alpha=8, lora_dropout=1e-9),
     "dora": dict(r=4, lora_alpha=8, use_dora=True),
+    "dora-dropout-path": dict(r=4, lora_alpha=8, use_dora=True, lora_dropout=1e-9),  # PEFT's composite formula
     "ia3": {},
 }
 
@@ -317,3 +318,28 @@ def test_qlora_under_autocast_parity_with_peft(llama_dir, method, compute, ac):
     assert set(gf) == set(gr) and gr
     for k in gr:
         assert_as_accurate_as_peft(gf[k], gr[k], ge[k], ac, k)
+
+
+def test_accelerate_mixed_precision_bf16_trains_like_peft():
+    """accelerate's Accelerator(mixed_precision="bf16") on CPU (its autocast wrapper around the
+    model's forward, accelerator.backward): the same losses as peft over a few SGD steps."""
+    accelerate = pytest.importorskip("accelerate")
+    batch = make_batch("llama")
+    losses = {}
+    for lib in (peft, peft_fast):
+        accelerate.state.AcceleratorState._reset_state(True)
+        acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+        m = build(lib, "llama", "dora")
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        m, opt = acc.prepare(m, opt)
+        run = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = m(**batch).loss
+            acc.backward(loss)
+            opt.step()
+            run.append(loss.item())
+        losses[lib] = run
+    accelerate.state.AcceleratorState._reset_state(True)
+    assert losses[peft_fast][-1] < losses[peft_fast][0]
+    torch.testing.assert_close(torch.tensor(losses[peft_fast]), torch.tensor(losses[peft]), rtol=2e-2, atol=2e-2)
