@@ -92,6 +92,23 @@ def test_default_methods_tiny_writes_json_csv_png(tmp_path):
     assert "saved for backward" in meta["peak_mem_kind"]
 
 
+@pytest.mark.parametrize("ac", ["bf16", "fp16"])
+def test_autocast_tiny(tmp_path, ac, capsys):
+    """--autocast: the fp32 model trains under torch.autocast (Trainer's bf16=True); peft_fast and
+    peft give the same first loss within the 16-bit tolerance, and the settings say so."""
+    pytest.importorskip("peft")
+    assert bench(*TINY, "--autocast", ac, "--methods", "lora", "dora", "--out", str(tmp_path)) == 0
+    rows, data = read_out(tmp_path)
+    check_rows(rows, ["lora", "dora"])
+    name = {"bf16": "bfloat16", "fp16": "float16"}[ac]
+    assert data["meta"]["settings"]["autocast"] == name and data["meta"]["settings"]["dtype"] == "float32"
+    assert all(r["autocast"] == name for r in rows)
+    for r in rows:
+        if r["phase"] == "train" and r["provider"] == "peft_fast":
+            assert float(r["rel_loss_diff_vs_peft"]) < 2e-2, r
+    assert f"autocast({name})" in capsys.readouterr().out
+
+
 def test_qlora_and_mixed_tiny(tmp_path, capsys):
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
@@ -180,6 +197,8 @@ def test_without_peft_compares_with_the_base_only(tmp_path):
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--targets", "all-linear,q_proj"], "all-linear cannot be combined"),
     (["--device", "tpu"], "--device 'tpu'"),
+    (["--autocast", "float32"], "autocast needs a 16-bit dtype"),
+    (["--autocast", "bf16", "--dtype", "bfloat16"], "autocast is for float32 models"),
 ])
 def test_bad_arguments_give_a_clear_error(argv, needle, capsys):
     try:

@@ -114,7 +114,8 @@ def _problems(rows: list) -> list:
 def print_report(rows: list, meta: dict) -> None:
     s = meta["settings"]
     where = f"{meta['device']} | torch {meta['versions']['torch']}, peft {meta['versions']['peft'] or '(not installed)'}"
-    what = f"{s['model']} | batch {s['batch_size']} x seq {s['seq_len']} | {s['dtype']} | r={s['rank']}"
+    prec = s['dtype'] + (f" + autocast({s['autocast']})" if s.get("autocast") else "")
+    what = f"{s['model']} | batch {s['batch_size']} x seq {s['seq_len']} | {prec} | r={s['rank']}"
     notes = [f"clock: {s['clock']}; median of {s['steps']} steps after {s['warmup']} warm-up round(s), "
              "providers interleaved",
              "x peft: peft_fast tokens/s / peft tokens/s (>1: faster); time/base: step time / the frozen base "

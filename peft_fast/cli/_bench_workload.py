@@ -15,6 +15,8 @@ so a zero lora_B or a ones ia3_l cannot let a provider skip work.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -42,8 +44,16 @@ def _trainables(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _attach_train_fns(p: Provider, batch: dict) -> None:
+def _autocast(device, dtype):
+    """torch.autocast on the model's device in `dtype`, or a null context when dtype is None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _attach_train_fns(p: Provider, batch: dict, autocast=None) -> None:
+    """p.fns["train"] / ["forward"]: one training step / one no-grad forward, under
+    torch.autocast(autocast) when given (the model stays fp32; Trainer's bf16=True)."""
     model = p.model
+    device = batch["input_ids"].device
     model.train()
     model.enable_input_require_grads()  # the frozen base then runs its full backward as well
     params = _trainables(model)
@@ -57,7 +67,8 @@ def _attach_train_fns(p: Provider, batch: dict) -> None:
         p.n_trainable = 0
 
     def train():
-        out = model(**batch)
+        with _autocast(device, autocast):
+            out = model(**batch)
         out.loss.backward()
         if p.opt is not None:
             p.opt.step()
@@ -70,7 +81,7 @@ def _attach_train_fns(p: Provider, batch: dict) -> None:
     ids = batch["input_ids"]
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, autocast):
             model(input_ids=ids)
 
     p.fns = {"train": train, "forward": forward}
@@ -107,7 +118,7 @@ def build_train_providers(cfg, base_model, libs: dict, methods: list, log) -> li
     for p in providers:
         if p.model is not None:
             try:
-                _attach_train_fns(p, cfg.batch_tensors)
+                _attach_train_fns(p, cfg.batch_tensors, getattr(cfg, "autocast", None))
             except Exception as e:  # noqa: BLE001
                 record_error(p, e, "setup")
     return providers
@@ -147,23 +158,23 @@ def _mixed_model(lib, base_model, cfg, n: int):
     return model.eval()
 
 
-def _attach_mixed_fns(p: Provider, model, kw: dict, ids, nxt, seq: int) -> None:
+def _attach_mixed_fns(p: Provider, model, kw: dict, ids, nxt, seq: int, autocast=None) -> None:
     model.eval()
 
     def prefill():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(ids.device, autocast):
             model(input_ids=ids, use_cache=False, **kw)
 
     state = {}
 
     def make_cache():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(ids.device, autocast):
             state["cache"] = model(input_ids=ids, use_cache=True, **kw).past_key_values
 
     def decode():
         if "cache" not in state:  # (re)built outside the timed region when it could not be cropped
             raise RuntimeError("no KV cache")
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(ids.device, autocast):
             model(input_ids=nxt, past_key_values=state["cache"], use_cache=True, **kw)
 
     def reset():  # back to the prompt's length, so every step decodes at the same position
@@ -206,7 +217,7 @@ def run_mixed(cfg, base_model, libs: dict, log) -> list:
         try:
             if p.provider == "peft_fast_one":
                 p.model.set_adapter("a0")
-            _attach_mixed_fns(p, p.model, kw, ids, nxt, cfg.seq)
+            _attach_mixed_fns(p, p.model, kw, ids, nxt, cfg.seq, getattr(cfg, "autocast", None))
         except Exception as e:  # noqa: BLE001
             record_error(p, e, "setup")
     total = sum(n_steps(providers, ph, cfg.steps, cfg.warmup, False, cfg.clock.cuda) for ph in MIXED_PHASES)

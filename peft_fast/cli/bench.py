@@ -77,6 +77,13 @@ def _dtype(s: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown dtype {s!r}; choose from float32, bfloat16, float16") from None
 
 
+def _autocast_dtype(s: str) -> str:
+    d = _dtype(s)
+    if d == "float32":
+        raise argparse.ArgumentTypeError(f"--autocast {s!r}: autocast needs a 16-bit dtype (bfloat16 or float16)")
+    return d
+
+
 def _shape(s: str) -> tuple:
     from ._bench_layers import parse_shape
 
@@ -110,6 +117,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "k_proj,v_proj,down_proj, down_proj feed-forward)")
     g.add_argument("--dtype", type=_dtype, default=None,
                    help="float32 | bfloat16 | float16 (default: the preset's: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--autocast", type=_autocast_dtype, default=None, metavar="DTYPE",
+                   help="bfloat16 | float16: train and forward under torch.autocast in that dtype (as Trainer's "
+                        "bf16=True/fp16=True), the model kept in --dtype (use float32). Default: off")
     g.add_argument("--adapters", type=_positive_int, default=None,
                    help="mixed: number of distinct adapters in the batch (default: the batch size)")
     r = ap.add_argument_group("measurement")
@@ -186,8 +196,12 @@ def resolve(args) -> SimpleNamespace:
         steps=args.steps or (10 if kind == "cuda" else 6),
         warmup=args.warmup if args.warmup is not None else (3 if kind == "cuda" else 1),
         threads=threads if kind == "cpu" else None, progress=not args.no_progress, out=args.out,
-        adapters=args.adapters, qlora_problem=None)
+        adapters=args.adapters, qlora_problem=None, autocast_name=args.autocast)
     cfg.dtype = getattr(torch, cfg.dtype_name)
+    cfg.autocast = getattr(torch, cfg.autocast_name) if cfg.autocast_name else None
+    if cfg.autocast is not None and cfg.dtype != torch.float32:
+        raise BenchError(f"--autocast {cfg.autocast_name} with --dtype {cfg.dtype_name}: autocast is for float32 "
+                         "models (pass --dtype float32)")
     cfg.adapters = cfg.adapters or cfg.batch
     if "qlora" in methods and not args.layers:
         from ._bench_model import bnb_4bit_problem
@@ -304,7 +318,8 @@ def _run_model(cfg) -> int:
         "device": device_name(cfg.device), "date": now(), "versions": vers, "no_peft": "peft" not in libs,
         "note": peft_note,
         "settings": {"model": desc, "model_dir": cfg.model_dir, "preset": None if cfg.model_dir else cfg.preset,
-                     "device": str(cfg.device), "dtype": cfg.dtype_name, "batch_size": cfg.batch,
+                     "device": str(cfg.device), "dtype": cfg.dtype_name, "autocast": cfg.autocast_name,
+                     "batch_size": cfg.batch,
                      "seq_len": cfg.seq, "rank": cfg.rank, "targets": cfg.targets or "default",
                      "methods": cfg.methods, "steps": cfg.steps, "warmup": cfg.warmup, "threads": cfg.threads,
                      "clock": cfg.clock.name},
@@ -319,9 +334,11 @@ def _run_model(cfg) -> int:
     row_meta = {"date": meta["date"], "device": meta["device"], "torch": vers["torch"], "peft": vers["peft"] or "",
                 "peft_fast": vers["peft_fast"], "transformers": vers["transformers"],
                 "bitsandbytes": vers["bitsandbytes"] or "", "model": desc, "dtype": cfg.dtype_name,
+                "autocast": cfg.autocast_name or "",
                 "batch_size": cfg.batch, "seq_len": cfg.seq, "rank": cfg.rank, "threads": cfg.threads or "",
                 "clock": cfg.clock.name}
-    _log(f"{desc}, batch {cfg.batch} x seq {cfg.seq}, {cfg.dtype_name}, {meta['device']}; methods "
+    ac = f" under autocast({cfg.autocast_name})" if cfg.autocast_name else ""
+    _log(f"{desc}, batch {cfg.batch} x seq {cfg.seq}, {cfg.dtype_name}{ac}, {meta['device']}; methods "
          f"{' '.join(cfg.methods)}; {cfg.steps} steps after {cfg.warmup} warm-up round(s)")
     providers = []
     train_methods = [m for m in cfg.methods if m in TRAIN_METHODS]
