@@ -10,6 +10,12 @@ PROVIDER_ORDER = ("base", "peft", "peft_fast", "peft_fast_one")
 METHOD_LABEL = {"base": "base", "base_4bit": "base (NF4)"}
 
 
+
+def precision(settings: dict) -> str:
+    """The model dtype, with the autocast dtype when the run used one ("float32 + autocast(bfloat16)")."""
+    ac = settings.get("autocast")
+    return settings["dtype"] + (f" + autocast({ac})" if ac else "")
+
 def _f(v, fmt: str = "{:.3f}", empty: str = "-") -> str:
     return fmt.format(v) if num(v) is not None else empty
 
@@ -114,8 +120,7 @@ def _problems(rows: list) -> list:
 def print_report(rows: list, meta: dict) -> None:
     s = meta["settings"]
     where = f"{meta['device']} | torch {meta['versions']['torch']}, peft {meta['versions']['peft'] or '(not installed)'}"
-    prec = s['dtype'] + (f" + autocast({s['autocast']})" if s.get("autocast") else "")
-    what = f"{s['model']} | batch {s['batch_size']} x seq {s['seq_len']} | {prec} | r={s['rank']}"
+    what = f"{s['model']} | batch {s['batch_size']} x seq {s['seq_len']} | {precision(s)} | r={s['rank']}"
     notes = [f"clock: {s['clock']}; median of {s['steps']} steps after {s['warmup']} warm-up round(s), "
              "providers interleaved",
              "x peft: peft_fast tokens/s / peft tokens/s (>1: faster); time/base: step time / the frozen base "
@@ -185,7 +190,7 @@ def ratio_plot(path: str, rows: list, meta: dict) -> bool:
         ax.set_title("time vs the frozen base model (1 = no overhead)", fontsize=9)
         ax.legend(fontsize=8)
     s = meta["settings"]
-    fig.suptitle(f"peft-fast bench: {s['model']}\nbatch {s['batch_size']} x seq {s['seq_len']}, {s['dtype']}, "
+    fig.suptitle(f"peft-fast bench: {s['model']}\nbatch {s['batch_size']} x seq {s['seq_len']}, {precision(s)}, "
                  f"r={s['rank']} — {meta['device']}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
