@@ -41,6 +41,7 @@ import torch
 
 from ..triton_kernels.nf4 import NF4Operand, nf4_dequantize_ref
 from .blockwise8 import create_dynamic_map, dequantize_blockwise8, quantize_blockwise8
+from .bnb_state import bnb_4bit_operand, four_bit_state
 
 Tensor = torch.Tensor
 
@@ -252,23 +253,25 @@ def _bnb_param_and_state(obj: Any) -> tuple[Any, Any]:
         if param is None or not hasattr(param, "quant_type"):
             raise ValueError(f"nf4_from_bnb: expected a bitsandbytes Linear4bit or Params4bit, got module "
                              f"{type(obj).__name__} whose weight is {type(param).__name__}")
-        # FSDP-like conversions can drop the state from the parameter but the module keeps it
-        state = getattr(param, "quant_state", None) or getattr(obj, "quant_state", None)
-        return param, state
+        return four_bit_state(obj)
     if isinstance(obj, torch.Tensor) and hasattr(obj, "quant_type"):
-        return obj, getattr(obj, "quant_state", None)
+        return four_bit_state(obj)
     raise ValueError(f"nf4_from_bnb: expected a bitsandbytes Linear4bit or Params4bit, got {type(obj).__name__}")
 
 
 def nf4_from_bnb(obj: Any) -> NF4Weight:
-    """Wrap a quantized `bnb.nn.Linear4bit` (or its `Params4bit` weight) as an NF4Weight
-    without copying: `packed` is a flat uint8 view of the parameter's storage and the absmax /
-    nested tensors are the QuantState's own.
+    """The NF4 weight of a quantized `bnb.nn.Linear4bit` (or its `Params4bit`) in the canonical
+    layout, whichever layout bitsandbytes holds it in (see `bnb_state`):
+      * canonical (the usual case): no copy. `packed` is a flat uint8 view of the parameter's
+        storage and the absmax / nested tensors are the QuantState's own;
+      * repacked by bitsandbytes for its AVX512-bf16 CPU kernel (an eval-mode no-grad forward on
+        such a CPU): a canonical copy of the same codes with fp32 absmax holding the bf16-rounded
+        scales bitsandbytes computes with since (its fp32 / double-quantized scales are gone).
+    The module is never modified.
 
     Raises ValueError when the quant_type is not 'nf4' (e.g. 'fp4'), when the weight is not
-    quantized yet (bitsandbytes quantizes when the Params4bit is moved to a device), when the
-    weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel, or when it is not 2-D.
-    bitsandbytes itself is not imported.
+    quantized yet (bitsandbytes quantizes when the Params4bit is moved to a device), or when it
+    is not 2-D. bitsandbytes itself is not imported.
     """
     who = "nf4_from_bnb"
     param, state = _bnb_param_and_state(obj)
@@ -280,29 +283,14 @@ def nf4_from_bnb(obj: Any) -> NF4Weight:
         raise ValueError(f"{who}: the weight is not quantized yet (bnb_quantized="
                          f"{getattr(param, 'bnb_quantized', None)}, quant_state={state!r}); bitsandbytes "
                          "quantizes a Params4bit when it is moved to a device, e.g. layer.to('cpu') or .cuda()")
-    if getattr(state, "packing_format_for_cpu", False):
-        raise ValueError(f"{who}: the weight was repacked for bitsandbytes' AVX512-bf16 CPU kernel "
-                         "(quant_state.packing_format_for_cpu=True, set by an eval-mode no-grad forward); its "
-                         "layout is not row-major NF4. Wrap the layer before any such forward, or call .train()")
-    shape = torch.Size(state.shape)
-    if len(shape) != 2:
-        raise ValueError(f"{who}: only 2-D [out, in] weights are supported, got shape {tuple(shape)}")
-    data = param.data
-    if data.dtype != torch.uint8:  # quant_storage other than uint8: same bytes, other element type
-        data = data.view(torch.uint8)
-    if not data.is_contiguous():
-        raise ValueError(f"{who}: the packed weight must be contiguous, got strides {data.stride()}")
-    packed = data.view(-1)  # a view: shares the Params4bit storage
-    code = state.code if state.code is not None else NF4_CODE.to(packed.device, copy=True)
-    kw: dict[str, Any] = {}
-    if getattr(state, "nested", False):
-        offset = state.offset
-        if not isinstance(offset, torch.Tensor):
-            offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
-        kw = dict(offset=offset.reshape(()), absmax2=state.state2.absmax, code2=state.state2.code,
-                  blocksize2=int(state.state2.blocksize))
-    return NF4Weight(packed=packed, absmax=state.absmax, shape=shape, dtype=state.dtype,
-                     blocksize=int(state.blocksize), code=code, **kw)
+    try:
+        op, _, _ = bnb_4bit_operand(obj)
+    except ValueError as e:
+        raise ValueError(f"{who}: {e}") from None
+    code = op.code if op.code is not None else NF4_CODE.to(op.packed.device, copy=True)
+    return NF4Weight(packed=op.packed, absmax=op.absmax, shape=torch.Size(op.shape), dtype=op.dtype,
+                     blocksize=op.blocksize, code=code, offset=op.offset, absmax2=op.absmax2, code2=op.code2,
+                     blocksize2=op.blocksize2)
 
 
 def to_bnb_params(w: NF4Weight, requires_grad: bool = False):

@@ -1,13 +1,17 @@
 """(IA)^3 on bitsandbytes' quantized linear layers (PEFT: peft.tuners.ia3.bnb): PEFT's formula
 around bitsandbytes' own matmul (x upcast to fp32 outside autocast, the scale on the input of
 feed-forward layers or on the output otherwise). Merging into quantized weights is refused,
-as in PEFT."""
+as in PEFT. A 4-bit weight that bitsandbytes repacked for its CPU kernel (an eval forward on an
+avx512_bf16 CPU) is put back in the canonical layout before a training forward (see
+quant.bnb_state.restore_canonical_layout): that kernel has no backward."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
 
+from ...quant.bnb_state import needs_canonical_layout, restore_canonical_layout
+from ..lora.bnb import is_bnb_4bit
 from .layer import Linear
 
 
@@ -22,6 +26,9 @@ class _QuantizedIA3(Linear):
         raise ValueError(f"Cannot merge ia3 layers into a {type(self.get_base_layer()).__name__} (quantized) layer")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        if is_bnb_4bit(base) and needs_canonical_layout(base, x):
+            restore_canonical_layout(base)
         if self.disable_adapters:
             return self.base_layer(x)
         scale = 1

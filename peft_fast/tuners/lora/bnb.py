@@ -3,8 +3,13 @@
 `Linear4bit` (QLoRA, Dettmers et al., 2023, arXiv:2305.14314): plain LoRA on an NF4 weight
 runs the fused QLoRA op (4-bit weight decoded in the GEMM for small batches, dequantized into
 a reused buffer otherwise, never kept for backward); DoRA, FP4 weights, hooks or dtype
-mismatches take PEFT's formula around bitsandbytes' own matmul. `Linear8bitLt`: PEFT's
-formula (reference path). Merging dequantizes, adds the delta and quantizes again, as PEFT.
+mismatches take PEFT's formula around bitsandbytes' own matmul. CPU inference uses
+bitsandbytes' kernels where they handle the shape and the fused op elsewhere. `Linear8bitLt`:
+PEFT's formula (reference path). Merging dequantizes, adds the delta and quantizes again, as
+PEFT. Every read of the frozen weight goes through `quant.bnb_state` (one accessor for 4-bit
+weights in either layout and 8-bit weights before or after their first forward); a 4-bit weight
+bitsandbytes repacked for its CPU kernel goes back to the canonical layout before a training
+forward (that kernel has no backward).
 bitsandbytes is imported only when one of these layers is built.
 """
 from __future__ import annotations
@@ -17,6 +22,8 @@ from torch import nn
 
 from ... import ops
 from ...functional import qlora_linear
+from ...quant.bnb_state import (bnb_4bit_operand, cpu_forward_problem, dequantize_bnb_weight, is_cpu_packed,
+                                needs_canonical_layout, restore_canonical_layout)
 from ...triton_kernels.nf4 import NF4Operand  # noqa: F401  (type of nf4_operand())
 from .layer import Linear
 
@@ -53,33 +60,34 @@ class _QuantizedLinear(Linear):
     def _base_weight_data(self) -> torch.Tensor:
         return self._dense_weight()
 
+    def _forget_base_weight(self) -> None:
+        """Drop what was computed from the replaced base weight: the caches are keyed by data
+        pointer, and a new quantized weight can land at the address of a freed one."""
+        for key in ("nf4_operand", "weight_sqnorm"):
+            self._caches.pop(key, None)
+
 
 class Linear4bit(_QuantizedLinear):
     """LoRA on `bitsandbytes.nn.Linear4bit` (same attributes and state-dict keys as PEFT)."""
 
     # -- the 4-bit weight ------------------------------------------------------------------------
     def nf4_operand(self) -> Optional[NF4Operand]:
-        """The NF4 weight as kernel operand (shares the packed storage), or None when the fused
-        op cannot read it. Cached until the parameter or its quant state is replaced."""
+        """The NF4 weight as kernel operand, or None for FP4 or an unquantized weight. Shares the
+        packed storage, except after bitsandbytes repacked the weight for its CPU kernel (then a
+        canonical copy, see quant.bnb_state). Cached until the parameter or its state changes."""
         w = self.get_base_layer().weight
         qs = getattr(w, "quant_state", None)
-        if (qs is None or getattr(qs, "quant_type", None) != "nf4" or getattr(qs, "packing_format_for_cpu", False)
-                or not getattr(w, "bnb_quantized", True)):
-            return None  # FP4, not quantized yet, or repacked by bitsandbytes' CPU kernel: PEFT's formula
-        key = (w.data_ptr(), id(qs))
+        if qs is None or getattr(qs, "quant_type", None) != "nf4" or not getattr(w, "bnb_quantized", True):
+            return None
+        key = (w.data_ptr(), id(qs), is_cpu_packed(qs))
         hit = self._caches.get("nf4_operand")
         if hit is None or hit[0] != key:
-            from ...quant import nf4_from_bnb
-
-            hit = (key, nf4_from_bnb(w).operand())
+            hit = (key, bnb_4bit_operand(w)[0])
             self._caches["nf4_operand"] = hit
         return hit[1]
 
     def _dense_weight(self) -> torch.Tensor:
-        import bitsandbytes as bnb
-
-        w = self.get_base_layer().weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).detach()
+        return dequantize_bnb_weight(self.get_base_layer())
 
     def _set_base_weight_data(self, new_w: torch.Tensor) -> None:
         import bitsandbytes as bnb
@@ -88,12 +96,22 @@ class Linear4bit(_QuantizedLinear):
         base = self.get_base_layer()
         w = base.weight
         base.weight = bnb.nn.Params4bit(new_w.to("cpu"), **_param_kwargs(w, bnb.nn.Params4bit)).to(w.device)
-        self._caches.pop("nf4_operand", None)
+        self._forget_base_weight()
 
     # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        if is_bnb_4bit(base) and needs_canonical_layout(base, x):
+            # training after an eval forward repacked the weight (avx512_bf16 CPUs): bitsandbytes'
+            # kernel for that layout has no backward
+            restore_canonical_layout(base)
+            self._forget_base_weight()
+        return super().forward(x, *args, **kwargs)
+
     def _fusable(self, x: torch.Tensor, args, kwargs) -> bool:
         base = self.base_layer
-        if not self.training and ops.backend_for(x) == "torch":
+        if (not self.training and ops.backend_for(x) == "torch" and is_bnb_4bit(base)
+                and cpu_forward_problem(base, x) is None):
             return False  # CPU inference: bitsandbytes' own 4-bit kernels beat dequantize + matmul
         op = self.nf4_operand() if is_bnb_4bit(base) else None
         compute = getattr(base, "compute_dtype", None)
@@ -123,11 +141,7 @@ class Linear8bitLt(_QuantizedLinear):
     """LoRA on `bitsandbytes.nn.Linear8bitLt`: PEFT's formula around bitsandbytes' int8 matmul."""
 
     def _dense_weight(self) -> torch.Tensor:
-        w = self.get_base_layer().weight
-        scb = getattr(w, "SCB", None)
-        if scb is None:  # still unquantized (has_fp16_weights)
-            return w.data.detach()
-        return (w.data.float() * (scb.float().view(-1, 1) / 127.0)).detach()
+        return dequantize_bnb_weight(self.get_base_layer())
 
     def _set_base_weight_data(self, new_w: torch.Tensor) -> None:
         import bitsandbytes as bnb
@@ -139,6 +153,7 @@ class Linear8bitLt(_QuantizedLinear):
                                         has_fp16_weights=getattr(w, "has_fp16_weights", False)).to(w.device)
         if getattr(base, "state", None) is not None and hasattr(base.state, "reset_grads"):
             base.state.reset_grads()
+        self._forget_base_weight()
 
     def _fusable(self, x, args, kwargs) -> bool:
         return False
