@@ -2,8 +2,11 @@
 peft, the fused QLoRA op against its reference, training, merging, checkpoints.
 
 bitsandbytes 0.50 runs on CPU; tiny Llama models are saved from a config and loaded back with
-`BitsAndBytesConfig` (the path users take). DESIGN.md: call .train() before any no-grad
-forward of a Linear4bit on CPUs with avx512_bf16.
+`BitsAndBytesConfig` (the path users take). Their layers are shapes bitsandbytes' CPU kernels
+handle on every CPU (in_features a multiple of the block size 64, out_features of 32); eval-mode
+comparisons run with bitsandbytes' AVX512-bf16 repacking turned off (`simulate_cpu`) so both
+libraries take the same fp32 path on Intel and AMD. Odd shapes and repacked weights are tested
+against fp64 references in test_bnb_state.py.
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ import peft_fast
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
+from bnb_helpers import simulate_cpu  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("tiny_llama")
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(d)
@@ -145,9 +150,10 @@ def test_qlora_training_reduces_loss_and_trains_every_adapter(tiny_dir):
     assert all(torch.equal(frozen[n], p) for n, p in m.named_parameters() if not p.requires_grad)
 
 
-def test_qlora_checkpoints_cross_load_with_peft(tiny_dir, tmp_path):
+def test_qlora_checkpoints_cross_load_with_peft(tiny_dir, tmp_path, monkeypatch):
     import peft
 
+    simulate_cpu(monkeypatch, avx512_bf16=False)  # PeftModel.from_pretrained evaluates: one fp32 path on any CPU
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(4))
     m = peft_fast.get_peft_model(load_quantized(tiny_dir), config_for(peft_fast, "lora"))
     randomise(m, 7)
