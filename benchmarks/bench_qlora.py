@@ -58,8 +58,11 @@ prints the headlines: dequant fraction of copy bandwidth; QLoRA / dense LoRA and
 peft+bnb / QLoRA at the largest M, fwd+bwd; decode speed-up vs peft+bnb at the smallest M;
 part c peak memory and tokens/s, peft_fast vs peft+bnb.
 
---quick: tiny shapes (64x96, 96x72), M 37 (train) and 1, 4 (decode), r 8, a 2-layer toy
+--quick: tiny shapes (64x96, 192x96), M 37 (train) and 1, 4 (decode), r 8, a 2-layer toy
 Llama for part c, few reps; fp32 on CPU (default dtype: bf16 on CUDA, fp32 on CPU).
+On CPU, bitsandbytes 0.50 cannot take every shape (its dequant kernel needs IN % 64 == 0, its
+AVX512-bf16 inference repacking also OUT % 32 == 0): its providers (a: bnb; b: bnb_base,
+peft_bnb) get "unsupported" rows whose note says why, instead of errors or wrong numbers.
 Needs bitsandbytes (exit code 2 without it); imports without Triton.
 
     python benchmarks/bench_qlora.py --out benchmarks/results/gpu/h100/qlora
@@ -103,7 +106,7 @@ FULL = {"shapes": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)], "t
         "c_model": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
                         max_position_embeddings=131072, rope_theta=500000.0, use_cache=False), "c_seq": 2048}
-QUICK = {"shapes": [(64, 96), (96, 72)], "train_tokens": [37], "decode_tokens": [1, 4], "rank": 8, "copy_mib": 16,
+QUICK = {"shapes": [(64, 96), (192, 96)], "train_tokens": [37], "decode_tokens": [1, 4], "rank": 8, "copy_mib": 16,
          "c_steps": 3,
          "c_model": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256,
@@ -172,6 +175,22 @@ def err_result(e: BaseException) -> dict:
 
 def out_of_time(args, reserve: float = 0.0) -> bool:
     return bool(args.time_budget) and time.monotonic() - args.t_start > args.time_budget - reserve
+
+
+def bnb_cpu_problem(device, model=None, x=None, shape=None):
+    """Why bitsandbytes' CPU path cannot run this case (a note for an "unsupported" row), or None:
+    `model`'s Linear4bit on input x (part b), or a weight [out, in] = `shape` (part a dequant)."""
+    from peft_fast.quant.bnb_state import cpu_forward_problem, cpu_shape_problem
+
+    if device.type != "cpu":
+        return None
+    if model is None:
+        why = cpu_shape_problem(shape, 64, repack=False)
+    else:
+        layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit"
+                     and type(m).__module__.startswith("bitsandbytes"))
+        why = cpu_forward_problem(layer, x)
+    return f"bitsandbytes CPU: {why}" if why else None
 
 
 def lora_config(lib, r: int, target):
@@ -260,15 +279,22 @@ def run_part_a(args, rows: list, meta: dict) -> None:
                 fns = {"triton": lambda: nf4_dequantize(op, out=bufs["triton"]),
                        "bnb": lambda: bnb.functional.dequantize_4bit(p.data, p.quant_state, out=bufs["bnb"]),
                        "torch_ref": lambda: nf4_dequantize_ref(op)}
-                try:
-                    ref = fns["bnb"]().clone()
-                except NotImplementedError:  # bitsandbytes' CPU backend has no out= variant: it allocates
-                    fns["bnb"] = lambda: bnb.functional.dequantize_4bit(p.data, p.quant_state)
-                    ref = fns["bnb"]().clone()
-                    notes["bnb"] = "allocates its output (no out= kernel on this device)"
+                why = bnb_cpu_problem(args.device, shape=(fout, fin))
+                if why:  # bitsandbytes would misread this weight: compare with the (bit-exact) reference
+                    res["bnb"] = {"status": "unsupported", "note": why}
+                    print(f"part a: bnb {fin}x{fout} unsupported: {why}", file=sys.stderr)
+                    ref = fns["torch_ref"]().clone()
+                    notes.update(triton="diff vs torch_ref", torch_ref="diff vs torch_ref")
+                else:
+                    try:
+                        ref = fns["bnb"]().clone()
+                    except NotImplementedError:  # bitsandbytes' CPU backend has no out= variant: it allocates
+                        fns["bnb"] = lambda: bnb.functional.dequantize_4bit(p.data, p.quant_state)
+                        ref = fns["bnb"]().clone()
+                        notes["bnb"] = "allocates its output (no out= kernel on this device)"
             except Exception as e:  # noqa: BLE001 - the case fails, the run goes on
                 traceback.print_exc()
-                res = {k: err_result(e) for k in providers}
+                res = {k: res.get(k) or err_result(e) for k in providers}
             order = providers[i % len(providers):] + providers[:i % len(providers)]
             i += 1
             for prov in order:
@@ -395,6 +421,11 @@ def run_part_b(args, libs: dict, rows: list, meta: dict) -> None:
                     m = models[prov]
                     if isinstance(m, Exception):
                         results[prov] = err_result(m)
+                        continue
+                    why = bnb_cpu_problem(dev, m, x) if prov in ("bnb_base", "peft_bnb") else None
+                    if why:
+                        results[prov] = {"status": "unsupported", "note": why}
+                        print(f"part b: {prov} {fin}x{fout} {phase} M={M} unsupported: {why}", file=sys.stderr)
                         continue
                     try:
                         if phase == "train":

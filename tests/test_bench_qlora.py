@@ -1,5 +1,6 @@
 """CPU smoke test of benchmarks/bench_qlora.py --quick: every part that runs on CPU writes its
-rows for every provider (dequant, one 4-bit LoRA layer, a toy Llama training step)."""
+rows for every provider (dequant, one 4-bit LoRA layer, a toy Llama training step); shapes
+bitsandbytes' CPU path cannot take become "unsupported" rows with the reason, on any CPU."""
 from __future__ import annotations
 
 import csv
@@ -20,10 +21,15 @@ def _load_bench(name="bench_qlora_under_test"):
     return mod
 
 
-def test_bench_qlora_quick_writes_all_parts_and_providers(tmp_path):
+def test_bench_qlora_quick_writes_all_parts_and_providers(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("transformers")
+    import bitsandbytes.nn.modules as bnb_modules
+
+    # one path on every CPU: no AVX512-bf16 repacking (its bf16 kernel would make the decode diffs
+    # depend on the CPU; the shapes are ones that kernel accepts)
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
     bench = _load_bench()
     rows = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     with open(tmp_path / "qlora.csv", newline="") as f:
@@ -42,8 +48,8 @@ def test_bench_qlora_quick_writes_all_parts_and_providers(tmp_path):
     deq = [r for r in a if r["provider"] != "copy"]
     want_a = {"bnb", "torch_ref"} | ({"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set())
     assert {r["provider"] for r in deq} == want_a
-    assert {(r["shape"], r["double_quant"]) for r in deq} == {("64x96", "0"), ("64x96", "1"), ("96x72", "0"),
-                                                              ("96x72", "1")}
+    assert {(r["shape"], r["double_quant"]) for r in deq} == {("64x96", "0"), ("64x96", "1"), ("192x96", "0"),
+                                                              ("192x96", "1")}
     for r in deq:
         assert float(r["GB_per_s"]) > 0 and float(r["frac_copy_bw"]) > 0, r
         assert float(r["rel_diff"]) == 0.0, r  # bit-exact vs bitsandbytes
@@ -72,6 +78,30 @@ def test_bench_qlora_quick_writes_all_parts_and_providers(tmp_path):
     except ImportError:
         return
     assert (tmp_path / "qlora.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("avx512_bf16", [False, True], ids=["no_avx512bf16", "avx512bf16"])
+def test_bench_qlora_marks_shapes_bitsandbytes_cpu_cannot_take(tmp_path, monkeypatch, capsys, avx512_bf16):
+    """96x72 (W [72, 96]): bitsandbytes' CPU dequant needs IN % 64 == 0 and its AVX512-bf16
+    repacking OUT % 32 == 0. Its providers are marked unsupported with the reason; peft_fast runs."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: avx512_bf16)  # simulate either CPU
+    bench = _load_bench("bench_qlora_unsupported")
+    rows = bench.main(["--quick", "--device", "cpu", "--parts", "a", "b", "--shapes", "96x72", "--double-quant", "1",
+                       "--train-tokens", "--decode-tokens", "1", "--out", str(tmp_path)])
+    assert rows and not [r for r in rows if r["median_ms"] == "error"], rows
+    unsupported = {(r["part"], r["provider"]) for r in rows if r["median_ms"] == "unsupported"}
+    assert unsupported == {("a", "bnb"), ("b", "bnb_base"), ("b", "peft_bnb")}
+    for r in rows:
+        if r["median_ms"] == "unsupported":
+            assert "in_features 96 is not a multiple of the 4-bit block size 64" in r["note"], r
+        elif r["provider"] != "copy":
+            assert float(r["median_ms"]) > 0, r
+    assert float(next(r for r in rows if r["provider"] == "torch_ref")["rel_diff"]) == 0.0
+    assert "unsupported: bitsandbytes CPU: in_features 96" in capsys.readouterr().err
 
 
 def test_bench_qlora_imports_without_triton_and_exits_2_without_bitsandbytes():
