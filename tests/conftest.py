@@ -183,6 +183,20 @@ def tiny_model_factory():
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pytest_configure(config):
+    """PEFT_FAST_TEST_AVX512BF16=0|1: run the whole suite as on a CPU without (AMD, older Intel)
+    or with avx512_bf16 (Sapphire Rapids+), whatever this CPU is: bitsandbytes' Linear4bit decides
+    whether to repack its weight for its bf16 CPU kernel from `has_avx512bf16()` (CI runs on either)."""
+    want = os.environ.get("PEFT_FAST_TEST_AVX512BF16")
+    if want is None:
+        return
+    try:
+        import bitsandbytes.nn.modules as bnb_modules
+    except ImportError:
+        return
+    bnb_modules.has_avx512bf16 = (lambda: True) if want == "1" else (lambda: False)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import triton  # noqa: F401
