@@ -160,17 +160,20 @@ def test_dequantize_8bit_before_and_after_the_first_forward():
 
 
 # ---------------------------------------------------------------------------------------------- layers
+class One(torch.nn.Module):
+    """A model of one layer, `proj` (the target of the adapters)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def lora_on(layer, use_dora=False, seed=0):
-    class One(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = layer
-
-        def forward(self, x):
-            return self.proj(x)
-
     torch.manual_seed(seed)
-    m = peft_fast.get_peft_model(One(), peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+    m = peft_fast.get_peft_model(One(layer), peft_fast.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
                                                              use_dora=use_dora))
     lora = m.base_model.model.proj
     with torch.no_grad():
@@ -216,15 +219,7 @@ def test_dora_and_ia3_train_on_a_repacked_weight(method):
     if method == "dora":
         m, adapter = lora_on(layer, use_dora=True)
     else:
-        class One(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.proj = layer
-
-            def forward(self, x):
-                return self.proj(x)
-
-        m = peft_fast.get_peft_model(One(), peft_fast.IA3Config(
+        m = peft_fast.get_peft_model(One(layer), peft_fast.IA3Config(
             target_modules=["proj"], feedforward_modules=["proj"] if method == "ia3_ff" else []))
         adapter = m.base_model.model.proj
         with torch.no_grad():

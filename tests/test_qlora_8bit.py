@@ -22,23 +22,11 @@ bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_qlora import config_for, load_quantized, randomise, run  # noqa: E402
+from test_qlora import config_for, load_quantized, randomise, run, tiny_dir  # noqa: E402,F401
 
 from peft_fast.quant.bnb_state import int8_scales  # noqa: E402
 
 METHODS = ["lora", "dora"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny_llama_8bit")
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return str(d)
 
 
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(6))
