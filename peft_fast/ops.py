@@ -295,8 +295,10 @@ def ia3_fwd(x, weight, bias, ia3_l, is_feedforward, fan_in_fan_out=False, keep_b
 
 
 def _ia3_bwd_fake(dy, x, weight, ia3_l, is_feedforward, base, fan_in_fan_out, need_dx):
-    return (x.new_empty(x.shape) if need_dx else _none(x)), ia3_l.new_empty(ia3_l.shape, dtype=dy.dtype) \
-        if backend_for(dy) == "torch" else ia3_l.new_empty(ia3_l.shape, dtype=torch.float32)
+    # dl: fp32 from the Triton reduction and from the reference on fp16 (colsum_mul), else dy's dtype
+    fp32 = backend_for(dy) != "torch" or dy.dtype == torch.float16
+    return (x.new_empty(x.shape) if need_dx else _none(x)), \
+        ia3_l.new_empty(ia3_l.shape, dtype=torch.float32 if fp32 else dy.dtype)
 
 
 @_register("ia3_bwd", _ia3_bwd_fake)

@@ -25,7 +25,9 @@ IDS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 LLAMA_IA3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
 GPT2_IA3 = dict(target_modules=["c_attn", "c_fc", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)
 GPT2_LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM"}
+BERT_IA3 = dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
+BERT_LORA = dict(target_modules=["query", "key", "value", "dense"])
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 
 # p = 1e-9: the dropout code path (masks, keep scale) runs but keeps everything: comparable with peft
 METHODS = {
@@ -39,8 +41,8 @@ METHODS = {
 
 def make_config(lib, kind, method):
     if method == "ia3":
-        return lib.IA3Config(task_type=TASK[kind], **(LLAMA_IA3 if kind == "llama" else GPT2_IA3))
-    targets = dict(target_modules="all-linear") if kind == "llama" else GPT2_LORA
+        return lib.IA3Config(task_type=TASK[kind], **{"llama": LLAMA_IA3, "gpt2": GPT2_IA3, "bert": BERT_IA3}[kind])
+    targets = {"llama": dict(target_modules="all-linear"), "gpt2": GPT2_LORA, "bert": BERT_LORA}[kind]
     return lib.LoraConfig(task_type=TASK[kind], **targets, **METHODS[method])
 
 
@@ -83,12 +85,14 @@ def step(model, batch, ac_dtype=None):
 
 
 def assert_as_accurate_as_peft(fast, ref, exact, dtype, what):
-    """|fast - exact| <= 2 |ref - exact| + atol(dtype) * scale, and same dtype as peft's."""
+    """|fast - exact| <= 2 |ref - exact| + atol(dtype) * max|exact|, and same dtype as peft's. The
+    slack is relative to the tensor's own scale, so tiny gradients (which fp16 can underflow) are
+    held to the same relative accuracy as large ones."""
     assert fast.dtype == ref.dtype, f"{what}: dtype {fast.dtype} != peft's {ref.dtype}"
     assert torch.isfinite(fast.float()).all(), f"{what}: non-finite"
     err = (fast.double() - exact.double()).abs().max().item()
     base = (ref.double() - exact.double()).abs().max().item()
-    atol = tolerance(dtype)["atol"] * max(1.0, exact.abs().max().item())
+    atol = tolerance(dtype)["atol"] * exact.abs().max().item()
     assert err <= 2 * base + atol, f"{what}: error {err:.3e} > 2 x peft's {base:.3e} + {atol:.1e}"
 
 
@@ -113,7 +117,7 @@ def compare_with_peft(kind, method, ac_dtype=None, model_dtype=torch.float32, de
 
 @pytest.mark.parametrize("ac", AUTOCAST, ids=IDS.get)
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_autocast_parity_with_peft(kind, method, ac):
     compare_with_peft(kind, method, ac_dtype=ac)
 
@@ -254,8 +258,16 @@ def test_trainer_bf16_or_fp16_end_to_end_matches_peft(ac, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
+    """A tiny Llama whose linear layers are whole 64-blocks wide (bitsandbytes' CPU 4-bit kernels
+    misread other widths on CPUs with avx512_bf16, and peft runs them for the base product)."""
+    import transformers
+
     d = tmp_path_factory.mktemp("tiny_llama_mp")
-    build_tiny_model("llama").save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return str(d)
 
 
@@ -313,11 +325,14 @@ def test_qlora_under_autocast_parity_with_peft(llama_dir, method, compute, ac):
         models[lib] = m
     le, Le, ge = step(exact_dense_twin(models[peft], llama_dir, method), batch)
     (lr, Lr, gr), (lf, Lf, gf) = runs[peft], runs[peft_fast]
-    assert_as_accurate_as_peft(lf, lr, le, ac, "logits")
-    assert_as_accurate_as_peft(Lf, Lr, Le, ac, "loss")
+    # the adapters see x in the compute dtype (functional/qlora.py): bf16 compute under fp16 autocast
+    # is held to bf16's tolerance
+    tol_dtype = max((ac, compute), key=lambda d: tolerance(d)["atol"])
+    assert_as_accurate_as_peft(lf, lr, le, tol_dtype, "logits")
+    assert_as_accurate_as_peft(Lf, Lr, Le, tol_dtype, "loss")
     assert set(gf) == set(gr) and gr
     for k in gr:
-        assert_as_accurate_as_peft(gf[k], gr[k], ge[k], ac, k)
+        assert_as_accurate_as_peft(gf[k], gr[k], ge[k], tol_dtype, k)
 
 
 def test_accelerate_mixed_precision_bf16_trains_like_peft():

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._workspace import scratch
+from ._workspace import colsum_mul, scratch
 
 Tensor = torch.Tensor
 
@@ -97,9 +97,8 @@ def dora_bwd_ref(
     dB = s dyc^T xa; dm = colsum(dy * ypre) / n. Returns (dx, dA, dB, dm)."""
     w = weight.t() if fan_in_fan_out else weight
     c = (magnitude / weight_norm).to(dy.dtype)
-    prod = torch.mul(dy, ypre, out=scratch("dora_prod", dy.shape, dy.dtype, dy.device))
-    dm = (prod.sum(0) / weight_norm).to(magnitude.dtype)
-    dyc = torch.mul(dy, c, out=prod)  # reuses the buffer: prod is consumed
+    dm = (colsum_mul(dy, ypre, "dora_prod") / weight_norm).to(magnitude.dtype)
+    dyc = torch.mul(dy, c, out=scratch("dora_prod", dy.shape, dy.dtype, dy.device))
     dx = dyc @ w if need_dx else None
     dyl = dyc if dyc.dtype == lora_B.dtype else dyc.to(lora_B.dtype)
     g = (dyl @ lora_B).mul_(scaling)  # [M, r]

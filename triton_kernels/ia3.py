@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._workspace import scratch
+from ._workspace import colsum_mul
 
 Tensor = torch.Tensor
 
@@ -59,9 +59,9 @@ def ia3_bwd_ref(
     l = ia3_l.to(dy.dtype)
     if is_feedforward:
         t = dy @ w  # [M, K]
-        dl = torch.mul(t, x, out=scratch("ia3_prod", t.shape, t.dtype, t.device)).sum(0)
+        dl = colsum_mul(t, x, "ia3_prod")
         dx = t.mul_(l) if need_dx else None
         return dx, dl
-    dl = torch.mul(dy, base, out=scratch("ia3_prod", dy.shape, dy.dtype, dy.device)).sum(0)
+    dl = colsum_mul(dy, base, "ia3_prod")
     dx = dy @ (w * l[:, None]) if need_dx else None
     return dx, dl
