@@ -37,11 +37,14 @@ from .tuners.ia3.model import IA3Model
 from .tuners.lora.config import LoraConfig, LoraRuntimeConfig
 from .tuners.lora.model import LoraModel
 from .trainer_integration import install_trainer_integration, uninstall_trainer_integration
+from .utils.error import NoMatchingPeftModuleError, PeftError
 from .utils.other import prepare_model_for_kbit_training
 from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
 __all__ = [
+    "NoMatchingPeftModuleError",
+    "PeftError",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "IA3Config", "IA3Model", "LoraConfig", "LoraModel", "LoraRuntimeConfig",

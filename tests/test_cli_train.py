@@ -353,6 +353,19 @@ def test_model_without_data_is_refused(tiny, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_refused_run_leaves_no_empty_output_dir(tiny, tmp_path, capsys):
+    """Refused after --output was created (unknown target module): the new, empty directory goes;
+    an --output that existed before stays."""
+    out = tmp_path / "new_out"
+    assert run_tiny(tiny, out, "--targets", "nope_proj") == 2
+    assert "nope_proj" in capsys.readouterr().err
+    assert not out.exists()
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    assert run_tiny(tiny, kept, "--targets", "nope_proj") == 2
+    assert kept.is_dir()
+
+
 @pytest.mark.parametrize("which", ["training_state.pt", "adapter_model.safetensors"])
 def test_resume_from_a_corrupt_checkpoint_names_it(tiny, tmp_path, capsys, which):
     out = tmp_path / "out"

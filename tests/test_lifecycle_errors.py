@@ -208,3 +208,48 @@ def test_truncated_adapter_config_error_names_the_file(tmp_path):
     assert isinstance(fast, json.JSONDecodeError) and isinstance(ref, json.JSONDecodeError)
     assert os.path.join(path, "adapter_config.json") in str(
         _error(lambda: peft_fast.LoraConfig.from_pretrained(path)))
+
+
+# --------------------------------------------------------------------------------------------
+# found by trying it as a new user
+# --------------------------------------------------------------------------------------------
+def test_shape_mismatch_on_load_names_the_adapter_directory(two_adapters, tmp_path):
+    wide = _save(tmp_path, "wide", width=12)
+    with pytest.raises(ValueError, match="Shape mismatch") as info:
+        two_adapters.load_adapter(wide, "new")
+    assert wide in str(info.value) and "'new'" in str(info.value)
+
+
+@pytest.mark.parametrize("weight", ["a", float("nan"), float("inf"), True, None, torch.ones(2)],
+                         ids=["str", "nan", "inf", "bool", "none", "tensor2"])
+def test_add_weighted_adapter_names_a_bad_weight_value(two_adapters, weight):
+    before = _state(two_adapters)
+    with pytest.raises(ValueError, match=r"weight of adapter 'default' must be a finite real number"):
+        two_adapters.add_weighted_adapter(["default", "other"], [weight, 1.0], "mix", combination_type="svd")
+    _assert_unchanged(before, two_adapters)
+
+
+def test_add_weighted_adapter_accepts_int_and_0dim_tensor_weights(two_adapters):
+    two_adapters.add_weighted_adapter(["default", "other"], [1, torch.tensor(0.5)], "mix", combination_type="svd")
+    assert "mix" in two_adapters.peft_config
+
+
+@pytest.mark.parametrize("svd_rank, needle", [(100, r"svd_rank=100 exceeds min\(in, out\)=\d+ of layer"),
+                                              (-1, "svd_rank must be a positive integer"),
+                                              (2.5, "svd_rank must be a positive integer")])
+def test_add_weighted_adapter_svd_rank_that_cannot_fit_is_refused(two_adapters, svd_rank, needle):
+    before = _state(two_adapters)
+    with pytest.raises(ValueError, match=needle):
+        two_adapters.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type="svd",
+                                          svd_rank=svd_rank)
+    _assert_unchanged(before, two_adapters)
+
+
+def test_unmatched_targets_raise_peft_error_class():
+    with pytest.raises(peft_fast.NoMatchingPeftModuleError, match="not found in the base model") as info:
+        peft_fast.get_peft_model(_net(), _config(target_modules=["nonexistent_xyz"]))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, peft_fast.PeftError)
+    from peft_fast.utils.error import NoMatchingPeftModuleError
+
+    assert NoMatchingPeftModuleError is peft_fast.NoMatchingPeftModuleError
+    assert type(info.value).__name__ == peft.NoMatchingPeftModuleError.__name__

@@ -115,10 +115,20 @@ def run(args) -> int:
     try:
         return _run(args)
     except CLIError as e:
+        _drop_new_empty_output(args)
         return report(PROG, e)
     except KeyboardInterrupt:
+        _drop_new_empty_output(args)
         print(f"\n{PROG}: interrupted before training started", file=sys.stderr)
         return 130
+
+
+def _drop_new_empty_output(args) -> None:
+    """A refused run leaves no trace: remove the --output directory if this run created it and
+    wrote nothing into it (a directory that existed before, or has files, is kept)."""
+    out = getattr(args, "_created_output", None)
+    if out is not None and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _prepare_output(args, demo: bool, resume_from) -> Path:
@@ -143,6 +153,8 @@ def _prepare_output(args, demo: bool, resume_from) -> Path:
             what = "a model" if clash == ["config.json"] else "an adapter or a finished run"
             raise CLIError(f"--output {args.output!r} already holds {what} ({', '.join(clash)}); "
                            "pass --overwrite to write over it, or another --output")
+    if not out.exists():
+        args._created_output = out  # removed again if the run is refused before writing (run())
     out.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
         for ckpt in old:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
+from ..utils.error import NoMatchingPeftModuleError
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from ..utils.other import ModulesToSaveWrapper, _get_submodules, get_conv1d_cls, set_trainable
 
@@ -346,11 +347,11 @@ class BaseTuner(nn.Module):
         if not matched:
             targets = peft_config.target_modules
             if excluded:
-                raise ValueError(
+                raise NoMatchingPeftModuleError(
                     f"All modules were excluded. Target modules {sorted(targets) if isinstance(targets, set) else targets!r}"
                     f" and exclude_modules {getattr(peft_config, 'exclude_modules', None)!r} leave nothing to adapt."
                 )
-            raise ValueError(
+            raise NoMatchingPeftModuleError(
                 f"Target modules {sorted(targets) if isinstance(targets, set) else targets!r} not found in the base "
                 f"model. Please check the target modules and try again."
             )

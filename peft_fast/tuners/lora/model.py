@@ -110,6 +110,18 @@ class LoraModel(BaseTuner):
             new_targets = reduce(operator.or_, (set(self.peft_config[a].target_modules) for a in adapters))
         return combination_type, new_rank, new_targets
 
+    def _check_svd_rank_fits(self, adapters: list[str], new_rank: int) -> None:
+        """A truncated SVD keeps at most min(rows, cols) singular vectors of the (flattened) delta
+        weight: a larger rank would build an adapter whose factors do not fit its layer (peft adds
+        it and fails on the first forward)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and any(a in module.lora_A or a in module.lora_embedding_A for a in adapters):
+                w = module.get_base_layer().weight
+                limit = min(w.shape[0], w[0].numel())
+                if new_rank > limit:
+                    raise ValueError(f"add_weighted_adapter: svd_rank={new_rank} exceeds min(in, out)={limit} of "
+                                     f"layer {name!r}; pass svd_rank <= {limit}")
+
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: Optional[int] = None,
                              svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
@@ -122,7 +134,16 @@ class LoraModel(BaseTuner):
         if not adapters or weights is None or len(weights) != len(adapters):
             raise ValueError(f"add_weighted_adapter needs one weight per adapter: got weights={weights!r} for "
                              f"adapters={adapters!r}")
+        for a, w in zip(adapters, weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float, torch.Tensor)) \
+                    or (isinstance(w, torch.Tensor) and w.numel() != 1) or not math.isfinite(float(w)):
+                raise ValueError(f"add_weighted_adapter: the weight of adapter {a!r} must be a finite real number, "
+                                 f"got {w!r}")
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 0):
+            raise ValueError(f"add_weighted_adapter: svd_rank must be a positive integer (or None), got {svd_rank!r}")
         combination_type, new_rank, new_targets = self._check_add_weighted_adapter(adapters, combination_type, svd_rank)
+        if combination_type == "svd":
+            self._check_svd_rank_fits(adapters, new_rank)
         with rollback_on_error(self):  # a failure leaves no half-added adapter
             self._add_weighted_adapter(adapters, weights, adapter_name, combination_type, new_rank, new_targets,
                                        svd_clamp, svd_full_matrices, svd_driver)
