@@ -234,7 +234,7 @@ class PeftModel(nn.Module):
             try:
                 result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
             except ValueError as e:  # e.g. a shape mismatch: say which files did not fit
-                raise ValueError(f"Loading adapter {adapter_name!r} from {model_id!r} failed: {e}") from e
+                raise ValueError(f"{e} (while loading adapter {adapter_name!r} from {model_id!r})") from e
             if autocast_adapter_dtype:
                 _cast_adapter_dtype(self.base_model.model, adapter_name)
         if not is_trainable:
