@@ -271,3 +271,17 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         gc_enable_kwargs = {"gradient_checkpointing_kwargs": gradient_checkpointing_kwargs} if supports_gc_kwargs else {}
         model.gradient_checkpointing_enable(**gc_enable_kwargs)
     return model
+
+
+def infer_device() -> str:
+    """The accelerator torch sees, as PEFT names it: "cuda", "mps", "xpu", "npu" or "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        return "xpu"
+    npu = getattr(torch, "npu", None)
+    if npu is not None and npu.is_available():
+        return "npu"
+    return "cpu"
