@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peft_fast_installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test bench install clean
+.PHONY: test bench install clean peft-suite
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q --timeout=900 -m "not interp" tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q --timeout=900 -m interp tests
+
+# PEFT's own tests/test_custom_models.py (LoRA and IA3 cases), unchanged, against peft_fast;
+# PEFT_IMPL=peft runs the same selection against real peft (the ceiling). See the runner's header.
+peft-suite: $(STAMP)
+	../shared/peft_suite/run.sh $(PY) tests/test_custom_models.py LoraConfig,IA3Config -n 2
 
 bench: $(STAMP)
 	$(VENV)/bin/peft-fast bench --out bench_out
