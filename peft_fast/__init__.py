@@ -40,7 +40,13 @@ from .trainer_integration import install_trainer_integration, uninstall_trainer_
 from .utils.error import NoMatchingPeftModuleError, PeftError
 from .utils.other import prepare_model_for_kbit_training
 from .utils.peft_types import PeftType, TaskType
-from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.save_and_load import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 __all__ = [
     "NoMatchingPeftModuleError",
@@ -52,8 +58,8 @@ __all__ = [
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftType", "TaskType", "get_nb_trainable_parameters", "get_peft_config", "get_peft_model",
-    "get_peft_model_state_dict", "inject_adapter_in_model", "install_trainer_integration", "load_peft_weights",
-    "prepare_model_for_kbit_training", "print_trainable_parameters", "set_peft_model_state_dict",
+    "get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model", "install_trainer_integration", "load_peft_weights",
+    "prepare_model_for_kbit_training", "print_trainable_parameters", "set_base_model_state_dict", "set_peft_model_state_dict",
     "uninstall_trainer_integration",
 ]
 

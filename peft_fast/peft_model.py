@@ -14,6 +14,7 @@ from .mapping import base_model_name_or_path, tuner_class_for
 from .tuners.tuners_utils import BaseTunerLayer
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.io import atomic_save_safetensors, atomic_torch_save
+from .utils.model_card import create_or_update_model_card
 from .utils.other import ModulesToSaveWrapper, set_trainable
 from .utils.peft_types import TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
@@ -66,7 +67,8 @@ class PeftModel(nn.Module):
         self.training = model.training  # report the base model's mode; its modules keep theirs
         self._extend_task_modules_to_save(peft_config)
         with rollback_on_error(model):  # a failed injection leaves the user's model untouched
-            self.base_model = tuner_class_for(peft_config)(model, {adapter_name: peft_config}, adapter_name)
+            self.base_model = tuner_class_for(peft_config)(model, {adapter_name: peft_config}, adapter_name,
+                                                           low_cpu_mem_usage=low_cpu_mem_usage)
             if autocast_adapter_dtype:
                 _cast_adapter_dtype(self.base_model.model, adapter_name)
             if self._task_modules_to_save and hasattr(peft_config, "modules_to_save"):
@@ -182,7 +184,7 @@ class PeftModel(nn.Module):
         self._extend_task_modules_to_save(peft_config)
         with rollback_on_error(self):  # nothing half-added
             self.peft_config[adapter_name] = peft_config
-            self.base_model.inject_adapter(self.base_model.model, adapter_name)
+            self.base_model.inject_adapter(self.base_model.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
             _cast_adapter_dtype(self.base_model.model, adapter_name)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
@@ -226,13 +228,14 @@ class PeftModel(nn.Module):
             if adapter_name not in self.peft_config:
                 config = PeftConfig.from_pretrained(model_id, **kwargs)
                 config.inference_mode = not is_trainable
-                self.add_adapter(adapter_name, config)
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
                 # the new adapter is inactive, hence frozen; only it becomes trainable (as in PEFT)
                 if is_trainable:
                     self.set_requires_grad(adapter_name)
             weights = load_peft_weights(model_id, device=torch_device, **kwargs)
             try:
-                result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+                result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
+                                                   low_cpu_mem_usage=low_cpu_mem_usage)
             except ValueError as e:  # e.g. a shape mismatch: say which files did not fit
                 raise ValueError(f"{e} (while loading adapter {adapter_name!r} from {model_id!r})") from e
             if autocast_adapter_dtype:
@@ -257,9 +260,11 @@ class PeftModel(nn.Module):
         if cls is PeftModel and task in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
         with rollback_on_error(model):  # a failed load leaves the user's model as it was
-            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                             low_cpu_mem_usage=low_cpu_mem_usage)
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
-                                    autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
+                                    autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         return peft_model
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -279,6 +284,7 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
+        self.create_or_update_model_card(save_directory)
         for adapter_name in selected_adapters:
             config = self.peft_config[adapter_name]
             state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
@@ -298,6 +304,10 @@ class PeftModel(nn.Module):
             auto_mapping = None if cfg.task_type is not None else {
                 "base_model_class": type(base).__name__, "parent_library": type(base).__module__}
             cfg.save_pretrained(out_dir, auto_mapping_dict=auto_mapping)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write or update ``README.md`` with PEFT's metadata (library_name, tags, base_model)."""
+        create_or_update_model_card(self, output_dir)
 
     # ---- misc PEFT API ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -258,6 +258,24 @@ class BaseTunerLayer:
         return x.to(dtype=dtype)
 
 
+def _adapter_to_meta(model: nn.Module, adapter_name: str) -> None:
+    """low_cpu_mem_usage: the new adapter's tensors become empty meta tensors (same requires_grad),
+    to be replaced by the loaded ones (load_state_dict(assign=True)), as PEFT's init_empty_weights."""
+    for layer in model.modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        for _, item in layer.adapter_items(adapter_name):
+            modules = [item] if isinstance(item, nn.Module) else []
+            for m in (sub for mod in modules for sub in mod.modules()):
+                for name, p in list(m._parameters.items()):
+                    if p is not None and p.device.type != "meta":
+                        m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+            if isinstance(item, nn.Parameter) and item.device.type != "meta":
+                for d_name, d in layer._adapter_dicts():
+                    if isinstance(d, nn.ParameterDict) and d.get(adapter_name) is item:
+                        d[adapter_name] = nn.Parameter(item.to("meta"), requires_grad=item.requires_grad)
+
+
 class BaseTuner(nn.Module):
     """Wraps a model, injects adapter layers into the targeted modules and manages them."""
 
@@ -274,7 +292,7 @@ class BaseTuner(nn.Module):
             self.peft_config = {adapter_name: peft_config} if isinstance(peft_config, PeftConfig) else peft_config
         self.active_adapter: Union[str, list[str]] = adapter_name
         self.training = model.training  # the wrapper reports the base model's mode (not recursive)
-        self.inject_adapter(self.model, adapter_name, state_dict=state_dict)
+        self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self.model.peft_config = self.peft_config
 
     @property
@@ -370,6 +388,8 @@ class BaseTuner(nn.Module):
                       inference_mode=peft_config.inference_mode, activate_adapter=adapter_name in self.active_adapters)
         for p, requires_grad in prior_grads:
             p.requires_grad = requires_grad
+        if low_cpu_mem_usage:
+            _adapter_to_meta(model, adapter_name)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)

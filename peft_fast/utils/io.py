@@ -26,7 +26,7 @@ def _atomic_path(path: str):
 
 def atomic_write_text(path: str, text: str) -> None:
     with _atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
 

@@ -20,6 +20,19 @@ from .other import ModulesToSaveWrapper
 _PEFT_PREFIX = "base_model.model."
 
 
+# Wrappers whose state_dict() drops their own attribute name from the keys (torch FSDP, activation
+# checkpointing): module names are matched against state-dict keys without them.
+_TRANSPARENT_WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def _named_modules(model: nn.Module):
+    """``model.named_modules()`` with names as they appear in ``model.state_dict()`` keys."""
+    for name, module in model.named_modules():
+        if "_wrapped_module" in name:
+            name = ".".join(p for p in name.split(".") if p not in _TRANSPARENT_WRAPPER_NAMES)
+        yield name, module
+
+
 def _remove_adapter_name(key: str, adapter_name: str) -> str:
     if "." not in key:
         return key
@@ -41,7 +54,7 @@ def _adapter_model_keys(model: nn.Module, adapter_name: str) -> list[str]:
     from ..tuners.tuners_utils import BaseTunerLayer
 
     keys = []
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if not isinstance(module, BaseTunerLayer):
             continue
         for layer_name, item in module.adapter_items(adapter_name):
@@ -75,17 +88,17 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
     if bias == "all":
         out.update({k: v for k, v in state_dict.items() if k == "bias" or k.endswith(".bias")})
     elif bias.endswith("_only"):
-        for name, module in model.named_modules():
+        for name, module in _named_modules(model):
             if isinstance(module, BaseTunerLayer):
                 key = f"{name}.base_layer.bias" if name else "base_layer.bias"
                 if key in state_dict:
                     out[key] = state_dict[key]
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if isinstance(module, ModulesToSaveWrapper):
             local = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
             out.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, local).items()})
     if _save_embeddings(model, config, save_embedding_layers):
-        for name, module in model.named_modules():
+        for name, module in _named_modules(model):
             if isinstance(module, BaseTunerLayer) and any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES):
                 out.update({k: v for k, v in state_dict.items() if k.startswith(f"{name}.")
                             and (k.startswith(f"{name}.base_layer.") or f".{adapter_name}" in k)})
@@ -99,7 +112,7 @@ def _save_embeddings(model, config, save_embedding_layers) -> bool:
     targeted = False
     if isinstance(targets, str) and targets != INCLUDE_LINEAR_LAYERS_SHORTHAND:
         targeted = any(re.match(rf"(.*\.)?{e}$", n) and re.fullmatch(targets, n)
-                       for n, _ in model.named_modules() for e in EMBEDDING_LAYER_NAMES)
+                       for n, _ in _named_modules(model) for e in EMBEDDING_LAYER_NAMES)
     elif targets and not isinstance(targets, str):
         targeted = any(e in targets for e in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers == "auto" and targeted:
@@ -125,7 +138,7 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: 
             k = k[len(_PEFT_PREFIX):]
         ckpt[k] = v
     mapping = {_to_checkpoint_key(k, adapter_name): k for k in _adapter_model_keys(model, adapter_name)}
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if isinstance(module, ModulesToSaveWrapper):
             for k, target in module.adapter_state_dict_load_map(adapter_name).items():
                 mapping[f"{name}.{k}"] = f"{name}.{target}"
@@ -170,3 +183,70 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **kwargs) -> 
     if os.path.isfile(bin_):
         return load_weights_file(bin_, device or "cpu")
     raise ValueError(f"Can't find weights for {model_id!r}: neither {SAFETENSORS_WEIGHTS_NAME} nor {WEIGHTS_NAME} is there")
+
+
+# ---- the base model's own weights, under its original keys ----------------------------------------
+def _base_root(model) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _base_key_map(model) -> dict[str, str]:
+    """Original (pre-PEFT) key -> key in the wrapped model, for every non-adapter tensor.
+
+    Adapter tensors are everything on a tuner layer except its ``base_layer`` and the copies of a
+    ModulesToSaveWrapper; the ``base_layer`` / ``original_module`` infixes are dropped only where
+    the enclosing module really is a tuner layer / wrapper (PEFT's rule, so a user's module that
+    happens to be called ``base_layer`` keeps its name).
+    """
+    from ..tuners.tuners_utils import BaseTunerLayer
+
+    out: dict[str, str] = {}
+
+    def walk(module: nn.Module, peft_prefix: str, orig_prefix: str) -> None:
+        is_tuner = isinstance(module, BaseTunerLayer)
+        is_wrapper = isinstance(module, ModulesToSaveWrapper)
+        for kind in (module.named_parameters, module.named_buffers):
+            for name, _ in kind(recurse=False):
+                if is_tuner or is_wrapper:
+                    continue  # a tuner layer's / wrapper's own tensors belong to its adapters
+                out[orig_prefix + name] = peft_prefix + name
+        for name, child in module.named_children():
+            if is_tuner and name != "base_layer":
+                continue
+            if is_wrapper and name != "original_module":
+                continue
+            infix = (is_tuner and name == "base_layer") or (is_wrapper and name == "original_module")
+            walk(child, f"{peft_prefix}{name}.", orig_prefix if infix else f"{orig_prefix}{name}.")
+
+    walk(_base_root(model), "", "")
+    return out
+
+
+def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original keys: adapter tensors left out, the
+    ``base_layer`` / ``original_module`` infixes PEFT inserted removed (PEFT's function)."""
+    state_dict = _base_root(model).state_dict()
+    return {orig: state_dict[key] for orig, key in _base_key_map(model).items() if key in state_dict}
+
+
+def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a state dict with the original model keys into the base weights of a PEFT model;
+    the inverse of :func:`get_base_model_state_dict`. Returns (missing_keys, unexpected_keys);
+    with ``strict`` a mismatch raises RuntimeError, as in PEFT."""
+    from collections import namedtuple
+
+    incompatible = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+    root = _base_root(model)
+    current = root.state_dict()
+    mapping = {orig: key for orig, key in _base_key_map(model).items() if key in current}
+    unexpected = [k for k in state_dict if k not in mapping]
+    missing = [k for k in mapping if k not in state_dict]
+    if strict and (missing or unexpected):
+        msgs = []
+        if missing:
+            msgs.append(f"Missing key(s) in state_dict: {missing}")
+        if unexpected:
+            msgs.append(f"Unexpected key(s) in state_dict: {unexpected}")
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(msgs))
+    root.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
+    return incompatible(missing_keys=missing, unexpected_keys=unexpected)
