@@ -34,7 +34,7 @@ from .peft_model import (
 )
 from .tuners.ia3.config import IA3Config
 from .tuners.ia3.model import IA3Model
-from .tuners.lora.config import LoraConfig, LoraRuntimeConfig
+from .tuners.lora.config import KasaConfig, LoraConfig, LoraRuntimeConfig, MontecloraConfig
 from .tuners.lora.model import LoraModel
 from .trainer_integration import install_trainer_integration, uninstall_trainer_integration
 from .utils.error import NoMatchingPeftModuleError, PeftError
@@ -49,6 +49,7 @@ from .utils.save_and_load import (
 )
 
 __all__ = [
+    "KasaConfig", "MontecloraConfig",
     "NoMatchingPeftModuleError",
     "PeftError",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",

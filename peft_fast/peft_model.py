@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
+import warnings
 from contextlib import contextmanager
 from typing import Any, Optional, Sequence, Union
 
@@ -40,18 +42,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
-def _cast_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
-    """PEFT's autocast_adapter_dtype: adapter weights in fp16/bf16 are kept in fp32."""
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        for _, item in module.adapter_items(adapter_name):
-            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-            for p in params:
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.to(torch.float32)
-
-
 class PeftModel(nn.Module):
     """Base model + adapters. ``model.base_model`` is the tuner (e.g. LoraModel), whose
     ``.model`` is the user's model with adapter layers injected."""
@@ -65,12 +55,12 @@ class PeftModel(nn.Module):
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         self.training = model.training  # report the base model's mode; its modules keep theirs
+        self._adapters_disabled = False  # inside disable_adapter()
         self._extend_task_modules_to_save(peft_config)
         with rollback_on_error(model):  # a failed injection leaves the user's model untouched
             self.base_model = tuner_class_for(peft_config)(model, {adapter_name: peft_config}, adapter_name,
                                                            low_cpu_mem_usage=low_cpu_mem_usage)
-            if autocast_adapter_dtype:
-                _cast_adapter_dtype(self.base_model.model, adapter_name)
+            self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             if self._task_modules_to_save and hasattr(peft_config, "modules_to_save"):
                 set_trainable(self.base_model.model, adapter_name, peft_config.modules_to_save,
                               inference_mode=peft_config.inference_mode)
@@ -176,7 +166,9 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     # ---- adapters -------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add an inactive adapter; with `autocast_adapter_dtype` its fp16/bf16 weights become fp32."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists")
         if peft_config.peft_type != self.peft_type:
@@ -185,7 +177,7 @@ class PeftModel(nn.Module):
         with rollback_on_error(self):  # nothing half-added
             self.peft_config[adapter_name] = peft_config
             self.base_model.inject_adapter(self.base_model.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-            _cast_adapter_dtype(self.base_model.model, adapter_name)
+            self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if adapter_name not in self.peft_config:
@@ -199,25 +191,48 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside disable_adapter() while an adapter is active (PEFT's property, same truth table)."""
+        return not self.__dict__.get("_adapters_disabled", False) or not self.active_adapters
+
     @contextmanager
     def disable_adapter(self):
         """Context in which the model runs as the plain base model. Reentrant: on exit every
         layer is enabled or disabled as it was on entry, and requires_grad flags the disabling
-        turned off are restored (ones changed inside the block are left as set there)."""
+        turned off are restored (ones changed inside the block are left as set there).
+        If some layers were enabled and others disabled on entry, PEFT's warning is given and
+        every layer is enabled on exit, as in PEFT."""
         layers = self.base_model._tuner_layers()
         was_disabled = [m.disable_adapters for m in layers]
+        irregular = len(set(was_disabled)) > 1
+        if irregular:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. "
+                "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                "will be enabled"
+            )
+        # adapter parameters of layers this block will switch on from disabled take the state enabling gives
+        newly_enabled = {id(p) for m, disabled in zip(layers, was_disabled) if irregular and disabled
+                         for name in m.adapter_layer_names for p in getattr(m, name).parameters()}
+        was_adapters_disabled = self.__dict__.get("_adapters_disabled", False)
         params = list(self.parameters())
         before = [p.requires_grad for p in params]
         self.base_model.disable_adapter_layers()
+        self._adapters_disabled = True
         during = [p.requires_grad for p in params]
         try:
             yield
         finally:
             at_exit = [p.requires_grad for p in params]
             for m, disabled in zip(layers, was_disabled):
-                m.enable_adapters(not disabled)
+                m.enable_adapters(irregular or not disabled)
             for p, b, d, e in zip(params, before, during, at_exit):
-                p.requires_grad_(b if e == d else e)
+                if e != d:
+                    p.requires_grad_(e)
+                elif id(p) not in newly_enabled:
+                    p.requires_grad_(b)
+            self._adapters_disabled = was_adapters_disabled
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
@@ -228,7 +243,8 @@ class PeftModel(nn.Module):
             if adapter_name not in self.peft_config:
                 config = PeftConfig.from_pretrained(model_id, **kwargs)
                 config.inference_mode = not is_trainable
-                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                                 autocast_adapter_dtype=autocast_adapter_dtype)
                 # the new adapter is inactive, hence frozen; only it becomes trainable (as in PEFT)
                 if is_trainable:
                     self.set_requires_grad(adapter_name)
@@ -238,8 +254,7 @@ class PeftModel(nn.Module):
                                                    low_cpu_mem_usage=low_cpu_mem_usage)
             except ValueError as e:  # e.g. a shape mismatch: say which files did not fit
                 raise ValueError(f"{e} (while loading adapter {adapter_name!r} from {model_id!r})") from e
-            if autocast_adapter_dtype:
-                _cast_adapter_dtype(self.base_model.model, adapter_name)
+            self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if not is_trainable:
             self.eval()
         return result
@@ -308,6 +323,22 @@ class PeftModel(nn.Module):
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write or update ``README.md`` with PEFT's metadata (library_name, tags, base_model)."""
         create_or_update_model_card(self, output_dir)
+
+    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[Union[bool, str]] = None, revision: Optional[str] = None, create_pr: bool = False,
+                    safe_serialization: bool = True, **kwargs):
+        """Save the adapters (``save_pretrained`` layout) and upload them to the Hub repo `repo_id` in
+        one commit, as transformers' ``PushToHubMixin`` (PEFT's base class) does. Needs huggingface_hub."""
+        try:
+            from huggingface_hub import HfApi
+        except ImportError as e:
+            raise ImportError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from e
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, **kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload model",
+                                     revision=revision, create_pr=create_pr)
 
     # ---- misc PEFT API ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -157,10 +157,12 @@ class BaseTunerLayer:
                 yield layer_name, d[adapter_name]
 
     def _all_available_adapter_names(self) -> list[str]:
-        names = []
+        """Sorted names of the adapters this layer holds (PEFT's order: a deleted active adapter is
+        replaced by the first of these)."""
+        names = set()
         for _, d in self._adapter_dicts():
-            names.extend(k for k in d.keys() if k not in names)
-        return names
+            names.update(d.keys())
+        return sorted(names)
 
     def _set_adapter_grad(self, names: set[str], requires_grad: bool, only_in: bool = True) -> None:
         for layer_name in self.adapter_layer_names:
@@ -202,6 +204,9 @@ class BaseTunerLayer:
             remaining = [a for a in self.active_adapters if a != adapter_name]
             if not remaining:
                 remaining = self._all_available_adapter_names()[:1]
+                if remaining:
+                    warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
+                                  f"to {remaining[0]}.")
             if remaining:
                 self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
             else:
@@ -279,6 +284,8 @@ def _adapter_to_meta(model: nn.Module, adapter_name: str) -> None:
 class BaseTuner(nn.Module):
     """Wraps a model, injects adapter layers into the targeted modules and manages them."""
 
+    # whether the tuner keeps adapter state shared between layers (PEFT's flag; none here does)
+    uses_shared_state: bool = False
     prefix: str = ""
     tuner_layer_cls: type = BaseTunerLayer
     target_module_mapping: dict = {}
@@ -322,12 +329,18 @@ class BaseTuner(nn.Module):
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
-            if model_type not in self.target_module_mapping:
+            # the table may be patched by users (or tests) with a str (a regex) as well as a list
+            target_modules = self.target_module_mapping.get(model_type)
+            if target_modules is None:
                 raise ValueError(
                     f"Please specify `target_modules` in `peft_config`: no default is known for model_type {model_type!r}"
                 )
-            peft_config.target_modules = set(self.target_module_mapping[model_type])
+            peft_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
         return peft_config
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Upcast the fp16/bf16 (and float8) weights of `adapter_name` to fp32 (PEFT's helper)."""
+        cast_adapter_dtype(self.model, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         pass
@@ -460,6 +473,9 @@ class BaseTuner(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name!r} not found. Available adapters: {sorted(self.peft_config)}")
+        for m in self.model.modules():  # every check before any layer switches
+            if isinstance(m, ModulesToSaveWrapper):
+                m.check_set_adapter(adapter_name)
         for m in self.model.modules():
             if isinstance(m, BaseTunerLayer):
                 if m.merged:
@@ -491,7 +507,8 @@ class BaseTuner(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist. Available adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        _check_adapters_not_merged(self.model, adapter_name)
         del self.peft_config[adapter_name]
         new_active: list[str] = []
         for m in self.model.modules():
@@ -557,6 +574,45 @@ class BaseTuner(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter layer and return the original base model, unchanged."""
         return self._unload_and_optionally_merge(merge=False)
+
+
+def _check_adapters_not_merged(model: nn.Module, adapter_names: Union[str, Sequence[str]]) -> None:
+    """A merged adapter lives in the base weights: deleting it would leave them changed for good."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    merged = {a for m in model.modules() if isinstance(m, BaseTunerLayer) for a in m.merged_adapters}
+    still_merged = sorted(set(names) & merged)
+    if still_merged:
+        raise ValueError(f"Cannot delete adapter(s) {still_merged} while they are merged. Please unmerge them first.")
+
+
+# float8 dtypes are upcast too; only those this torch build has
+_UPCAST_DTYPES = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """PEFT's autocast_adapter_dtype: every fp16/bf16/float8 tensor of `adapter_name` held by a
+    tuner layer's ModuleDict/ParameterDict/BufferDict (lora_A, lora_B, lora_magnitude_vector, ia3_l, ...)
+    becomes fp32; fp32/fp64 and integer tensors are left alone. Parameters are cast in place, so
+    they keep their identity (optimizers, hooks) and their requires_grad."""
+    if not autocast_adapter_dtype:
+        return
+    to_fp32 = {torch.float16, torch.bfloat16}
+    to_fp32.update(d for d in (getattr(torch, n, None) for n in _UPCAST_DTYPES) if d is not None)
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for sub in module.modules():
+            is_dict = isinstance(sub, (nn.ModuleDict, nn.ParameterDict)) or type(sub).__name__ == "BufferDict"
+            if not is_dict or adapter_name not in sub:
+                continue
+            item = sub[adapter_name]
+            if isinstance(item, torch.Tensor):
+                params = [item]
+            else:
+                params = list(item.parameters())
+            for p in params:
+                if p.dtype in to_fp32:
+                    p.data = p.data.to(torch.float32)
 
 
 def _progress(items, enabled: bool, desc: str):

@@ -57,6 +57,10 @@ class ModulesToSaveWrapper(nn.Module):
     in saved adapters the copy is stored as ``<name>.*`` (PEFT's format).
     """
 
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+    merged_adapters: list[str] = []
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str):
         super().__init__()
         if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
@@ -129,6 +133,18 @@ class ModulesToSaveWrapper(nn.Module):
         self._disable_adapters = not enabled
         for name, module in self.modules_to_save.items():
             set_requires_grad(module, enabled and name in self.active_adapters)
+
+    def check_set_adapter(self, adapter_name):
+        """The adapter this wrapper would switch to for `adapter_name` (None: none of its copies);
+        a copy replaces the module, so two adapters with a copy here cannot be active together."""
+        if isinstance(adapter_name, str):
+            return adapter_name
+        if len(adapter_name) == 0:
+            raise ValueError("Please specify at least one adapter to set")
+        in_module = [n for n in adapter_name if n in self.modules_to_save]
+        if len(in_module) > 1:
+            raise ValueError(f"Only one adapter can be set at a time for {self}, got {len(in_module)}")
+        return in_module[0] if in_module else None
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -20,10 +21,60 @@ class LoraRuntimeConfig:
 # accepted and written back unchanged (so files match PEFT's); anything else is refused.
 _UNSUPPORTED_FIELDS = (
     "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config",
-    "velora_config", "alora_invocation_tokens", "monteclora_config", "layer_replication",
-    "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
+    "velora_config", "alora_invocation_tokens", "layer_replication",
+    "target_parameters", "use_bdlora", "arrow_config",
 )
-SUPPORTED_INITS = (True, False, "gaussian")
+SUPPORTED_INITS = (True, False, "gaussian", "mica")
+
+
+def _get_lora_subconfig(value, config_cls):
+    """A nested sub-config as its dataclass: None, an instance, or the dict adapter_config.json holds."""
+    if value is None or isinstance(value, config_cls):
+        return value
+    if isinstance(value, dict):
+        init_keys = {f.name for f in dataclasses.fields(config_cls) if f.init}
+        return config_cls(**{k: v for k, v in value.items() if k in init_keys})
+    raise TypeError(f"`{config_cls.__name__}` must be a `{config_cls.__name__}`, a dict, or None.")
+
+
+@dataclass
+class KasaConfig:
+    """KaSA (Knowledge-aware Singular-value Adaptation, arXiv:2412.06071): the base weight loses its `r`
+    smallest singular components at init and the update is ``scaling * B @ diag(lora_diag) @ A``.
+    `beta` weighs ``sum(lora_diag ** 2)`` and `gamma` ``||B^T B - I||_F + ||A A^T - I||_F`` in
+    `LoraModel._get_kasa_loss` (to be added to the task loss by the user)."""
+
+    beta: float = field(default=1e-4)
+    gamma: float = field(default=1e-3)
+
+    def __post_init__(self):
+        if self.beta < 0:
+            raise ValueError(f"`beta` must be non-negative, got {self.beta}.")
+        if self.gamma < 0:
+            raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
+
+
+@dataclass
+class MontecloraConfig:
+    """MonteCLoRA (Monte Carlo LoRA): during training lora_A is replaced by a learned mixture of
+    `num_samples` noisy copies (see `monteclora.MontecloraSampler`); eval and merges use plain LoRA."""
+
+    num_samples: int = field(default=8)
+    use_entropy: bool = field(default=False)
+    dirichlet_prior: float = field(default=0.1)
+    sample_scaler: float = field(default=1e-4)
+    kl_loss_weight: float = field(default=1e-5)
+    buffer_size: int = field(default=150)
+
+    def __post_init__(self):
+        if self.num_samples <= 0:
+            raise ValueError("`num_samples` must be greater than 0.")
+        if self.dirichlet_prior <= 0:
+            raise ValueError("`dirichlet_prior` must be greater than 0.")
+        if self.buffer_size <= 0:
+            raise ValueError("`buffer_size` must be greater than 0.")
+
+
 
 
 @dataclass
@@ -56,14 +107,14 @@ class LoraConfig(PeftConfig):
     alora_invocation_tokens: Optional[list[int]] = field(default=None)
     use_qalora: bool = field(default=False)
     qalora_group_size: int = field(default=16)
-    monteclora_config: Optional[object] = field(default=None)
+    monteclora_config: Optional[MontecloraConfig] = field(default=None)
     layer_replication: Optional[list] = field(default=None)
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = field(default=False)
     target_parameters: Optional[list[str]] = field(default=None)
     use_bdlora: Optional[object] = field(default=None)
     arrow_config: Optional[object] = field(default=None)
-    kasa_config: Optional[object] = field(default=None)
+    kasa_config: Optional[KasaConfig] = field(default=None)
     ensure_weight_tying: bool = field(default=False)
 
     def to_dict(self) -> dict:
@@ -74,6 +125,9 @@ class LoraConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.LORA
+        if isinstance(self.monteclora_config, dict):
+            self.monteclora_config = MontecloraConfig(**self.monteclora_config)
+        self.kasa_config = _get_lora_subconfig(self.kasa_config, KasaConfig)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -95,12 +149,17 @@ class LoraConfig(PeftConfig):
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={self.init_lora_weights} instead."
+            )
         if self.lora_bias and self.use_dora:
             raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         init = self.init_lora_weights
-        if not (init is True or init is False or (isinstance(init, str) and init.lower() == "gaussian")):
+        if not (init is True or init is False or (isinstance(init, str) and init.lower() in ("gaussian", "mica"))):
             raise NotImplementedError(
-                f"init_lora_weights={init!r} is not supported by peft_fast (supported: True, False, 'gaussian')"
+                f"init_lora_weights={init!r} is not supported by peft_fast (supported: True, False, 'gaussian', 'mica')"
             )
         if self.loftq_config:
             warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")

@@ -19,6 +19,7 @@ from ...functional import dora_linear, lora_linear
 from ...functional._common import fold_tensor_scaling
 from ...utils.other import is_conv1d, transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from .variants import conv_variants, embedding_variants, linear_variants, resolve_lora_variant
 
 
 class DoraMagnitude(nn.Module):
@@ -52,6 +53,8 @@ class LoraLayer(BaseTunerLayer):
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_variant: dict[str, Any] = {}  # adapter -> LoraVariant (variants.py), PEFT's name
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}  # adapter -> layer names kept frozen
         self._caches: dict[str, Any] = {}
         self.cast_input_dtype_enabled = True
         self.kwargs = kwargs
@@ -86,7 +89,8 @@ class LoraLayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False, inference_mode: bool = False, **kwargs) -> None:
+                     lora_bias: bool = False, inference_mode: bool = False, config=None, **kwargs) -> None:
+        variant = resolve_lora_variant(self._lora_variants(), config)  # refuses before anything changes
         self._common_update(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
         if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             warnings.warn(
@@ -95,11 +99,16 @@ class LoraLayer(BaseTunerLayer):
             )
         # creation order matches PEFT so that the same seed gives the same initial weights
         self._make_lora_modules(adapter_name, r, lora_bias)
-        if init_lora_weights:
+        if isinstance(init_lora_weights, str) and init_lora_weights.lower() == "mica":
+            self._mica_init(adapter_name)
+        elif init_lora_weights:
             self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         if use_dora:
             self._init_dora(adapter_name)
+        if variant is not None:
+            self.lora_variant[adapter_name] = variant
+            variant.init(self, adapter_name, config=config)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
@@ -121,6 +130,46 @@ class LoraLayer(BaseTunerLayer):
 
     def _init_dora(self, adapter_name: str) -> None:
         raise NotImplementedError(f"DoRA is not supported for {type(self.get_base_layer()).__name__} layers")
+
+    # ---- LoRA variants (variants.py): KaSA, MonteCLoRA, MiCA ------------------------------------
+    def _lora_variants(self) -> dict:
+        return conv_variants()
+
+    def _mica_init(self, adapter_name: str) -> None:
+        from .mica import mica_init_embedding, mica_init_linear
+
+        (mica_init_linear if adapter_name in self.lora_A else mica_init_embedding)(self, adapter_name)
+
+    def _variant_fusable(self, active: list[str]) -> bool:
+        return all(self.lora_variant[a].fusable(self) for a in active if a in self.lora_variant)
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
+        """Keep the weights a variant declares frozen (MiCA's lora_B) frozen after set_adapter & co."""
+        if not self.frozen_peft_weight_names:
+            return
+        if adapter_names is None:
+            adapter_names = list(self.frozen_peft_weight_names)
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for adapter in adapter_names:
+            for layer_name in self.frozen_peft_weight_names.get(adapter, ()):
+                d = getattr(self, layer_name, None)
+                if layer_name in self.adapter_layer_names and d is not None and adapter in d:
+                    d[adapter].requires_grad_(False)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        BaseTunerLayer.set_adapter(self, adapter_names, inference_mode=inference_mode)
+        self._freeze_non_trainable_peft_weights(adapter_names)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        BaseTunerLayer.set_requires_grad(self, adapter_names, requires_grad=requires_grad)
+        if requires_grad:
+            self._freeze_non_trainable_peft_weights(adapter_names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        BaseTunerLayer.delete_adapter(self, adapter_name)
+        self.lora_variant.pop(adapter_name, None)
+        self.frozen_peft_weight_names.pop(adapter_name, None)
 
     # ---- scaling helpers (PEFT API) -----------------------------------------------------------
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -187,7 +236,11 @@ class LoraLayer(BaseTunerLayer):
                 continue
             idx = [i for i, a in enumerate(adapter_names) if a == adapter]
             sub = x[idx].to(self.lora_A[adapter].weight.dtype)
-            out = self.lora_B[adapter](self.lora_A[adapter](self.lora_dropout[adapter](sub))) * self.scaling[adapter]
+            if adapter in self.lora_variant:
+                sub_result = result[idx]
+                out = self.lora_variant[adapter].forward(self, adapter, sub, sub_result) - sub_result
+            else:
+                out = self.lora_B[adapter](self.lora_A[adapter](self.lora_dropout[adapter](sub))) * self.scaling[adapter]
             result[idx] += out.to(out_dtype)
         return result
 
@@ -294,8 +347,15 @@ class Linear(nn.Module, LoraLayer):
         norm = self.get_weight_norm(adapter_name).to(self.lora_A[adapter_name].weight.dtype)
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
 
+    def _lora_variants(self) -> dict:
+        return linear_variants()
+
     # -- merge ---------------------------------------------------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        variant = self.lora_variant.get(adapter)
+        delta = variant.get_delta_weight(self, adapter) if variant is not None else None
+        if delta is not None:
+            return delta
         B, A = self.lora_B[adapter].weight, self.lora_A[adapter].weight
         dtype = B.dtype
         cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
@@ -370,7 +430,7 @@ class Linear(nn.Module, LoraLayer):
         loop over adapters; PEFT's loop where that op does not apply."""
         names = tuple(sorted(a for a in set(adapter_names) if a in self.lora_A))
         if (not names or args or kwargs or type(self.base_layer) is not nn.Linear
-                or any(self.lora_bias[a] or a in self.lora_magnitude_vector for a in names)):
+                or any(self.lora_bias[a] or a in self.lora_magnitude_vector or a in self.lora_variant for a in names)):
             return LoraLayer._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x)
         A_st, B_st, scales = self._lora_stack(names)
@@ -384,7 +444,7 @@ class Linear(nn.Module, LoraLayer):
         """One fused op for the active adapters, or None where PEFT's formula is needed
         (lora_bias, several DoRA adapters, dropout under DoRA)."""
         base = self.base_layer
-        if any(self.lora_bias[a] for a in active):
+        if any(self.lora_bias[a] for a in active) or not self._variant_fusable(active):
             return None
         if not any(a in self.lora_magnitude_vector for a in active):
             return lora_linear(
@@ -407,6 +467,9 @@ class Linear(nn.Module, LoraLayer):
         for a in active:
             A, B, drop, s = self.lora_A[a], self.lora_B[a], self.lora_dropout[a], self.scaling[a]
             xa = self._cast_input_dtype(x, A.weight.dtype)
+            if a in self.lora_variant:
+                result = self.lora_variant[a].forward(self, a, xa, result)
+                continue
             if a not in self.lora_magnitude_vector:
                 result = result + B(A(drop(xa))) * s
                 continue
@@ -459,6 +522,9 @@ class Embedding(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           init_lora_weights=init_lora_weights, use_rslora=use_rslora, **kwargs)
+
+    def _lora_variants(self) -> dict:
+        return embedding_variants()
 
     def _make_lora_modules(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))

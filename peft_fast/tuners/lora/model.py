@@ -59,6 +59,16 @@ class LoraModel(BaseTuner):
                 f"{self.__class__.__name__} supports only 1 adapter with bias. When using multiple adapters, "
                 "set bias to 'none' for all adapters."
             )
+        # KaSA truncates the base weights at init, so what another adapter sees depends on it
+        new_uses_kasa = getattr(config, "kasa_config", None) is not None
+        for name, other in self.peft_config.items():
+            other_uses_kasa = getattr(other, "kasa_config", None) is not None
+            if other is not config and new_uses_kasa is not other_uses_kasa:
+                raise ValueError(
+                    "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base "
+                    f"weights: the new adapter {'uses' if new_uses_kasa else 'does not use'} KaSA but adapter "
+                    f"'{name}' {'does not' if new_uses_kasa else 'does'}."
+                )
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key):
         r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), current_key), lora_config.r)
@@ -68,6 +78,7 @@ class LoraModel(BaseTuner):
                       init_lora_weights=lora_config.init_lora_weights, use_rslora=lora_config.use_rslora,
                       use_dora=lora_config.use_dora, lora_bias=lora_config.lora_bias,
                       inference_mode=lora_config.inference_mode)
+        kwargs["config"] = lora_config  # LoRA variants (variants.py) read their sub-config from it
         if isinstance(target, LoraLayer):
             if isinstance(target, Embedding):
                 if lora_config.use_dora:
@@ -79,6 +90,29 @@ class LoraModel(BaseTuner):
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
+
+    # ---- variant losses (to be added to the task loss by the user, as in PEFT) --------------------
+    def _get_monteclora_loss(self, adapter_names=None):
+        """MonteCLoRA's KL + entropy terms, averaged over the samplers of `adapter_names` (default: active)."""
+        from .monteclora import monteclora_loss
+
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return monteclora_loss(self, [names] if isinstance(names, str) else list(names))
+
+    def _get_kasa_loss(self, adapter_names=None):
+        """KaSA's regularizers (beta, gamma from each adapter's KasaConfig) summed over its layers."""
+        from .kasa import kasa_layer_regularization_loss
+
+        names = self.active_adapters if adapter_names is None else adapter_names
+        names = [names] if isinstance(names, str) else list(names)
+        total = 0.0
+        for module in self.modules():
+            diag = getattr(module, "lora_diag", None) if isinstance(module, LoraLayer) else None
+            for name in names if diag is not None else ():
+                if name in diag:
+                    cfg = self.peft_config[name].kasa_config
+                    total = total + kasa_layer_regularization_loss(module, name, cfg.beta, cfg.gamma)
+        return total
 
     # ---- add_weighted_adapter ------------------------------------------------------------------
     def _check_add_weighted_adapter(self, adapters: list[str], combination_type: str, svd_rank: Optional[int]):
