@@ -72,7 +72,8 @@ class IA3Layer(BaseTunerLayer):
             base = self.get_base_layer()
             base.weight.data = torch.div(base.weight.data, self._weight_factor(a) + 1e-8).to(base.weight.dtype)
             if not self.is_feedforward and base.bias is not None:
-                base.bias.data = torch.div(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape) + 1e-8)
+                base.bias.data = torch.div(base.bias.data, self.ia3_l[a].data.reshape(base.bias.shape) + 1e-8
+                                           ).to(base.bias.dtype)
 
 
 class Linear(nn.Module, IA3Layer):
