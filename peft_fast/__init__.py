@@ -36,6 +36,8 @@ from .tuners.ia3.config import IA3Config
 from .tuners.ia3.model import IA3Model
 from .tuners.lora.config import KasaConfig, LoraConfig, LoraRuntimeConfig, MontecloraConfig
 from .tuners.lora.model import LoraModel
+from .tuners.lora.bdlora import BdLoraConfig
+from .tuners.lora.velora import VeloraConfig
 from .trainer_integration import install_trainer_integration, uninstall_trainer_integration
 from .utils.error import NoMatchingPeftModuleError, PeftError
 from .utils.other import prepare_model_for_kbit_training
@@ -49,6 +51,7 @@ from .utils.save_and_load import (
 )
 
 __all__ = [
+    "BdLoraConfig", "VeloraConfig",
     "KasaConfig", "MontecloraConfig",
     "NoMatchingPeftModuleError",
     "PeftError",

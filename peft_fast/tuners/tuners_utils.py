@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._buffer_dict import BufferDict
 from ..config import PeftConfig
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
@@ -146,15 +147,21 @@ class BaseTunerLayer:
     def _adapter_dicts(self):
         for name in self.adapter_layer_names + self.other_param_names:
             d = getattr(self, name, None)
-            if isinstance(d, (dict, nn.ModuleDict, nn.ParameterDict)):
+            if isinstance(d, (dict, nn.ModuleDict, nn.ParameterDict, BufferDict)):
                 yield name, d
 
     def adapter_items(self, adapter_name: str):
-        """(layer_name, module or Parameter) of one adapter on this layer, e.g. ('lora_A', Linear)."""
+        """(layer_name, module or Parameter) of one adapter on this layer, e.g. ('lora_A', Linear);
+        also (name, buffer) of the persistent BufferDicts among `other_param_names` (VeLoRA's
+        projection), which PEFT saves with the adapter."""
         for layer_name in self.adapter_layer_names:
             d = getattr(self, layer_name, None)
             if d is not None and adapter_name in d:
                 yield layer_name, d[adapter_name]
+        for name in self.other_param_names:
+            d = getattr(self, name, None)
+            if isinstance(d, BufferDict) and d.persistent and adapter_name in d:
+                yield name, d[adapter_name]
 
     def _all_available_adapter_names(self) -> list[str]:
         """Sorted names of the adapters this layer holds (PEFT's order: a deleted active adapter is
@@ -554,7 +561,10 @@ class BaseTuner(nn.Module):
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue
-            if isinstance(target, BaseTunerLayer):
+            if isinstance(target, BaseTunerLayer) and hasattr(target, "unload_and_optionally_merge_module"):
+                # layers with their own unloading (MultiheadAttention unwraps its out_proj too)
+                setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
+            elif isinstance(target, BaseTunerLayer):
                 if merge:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 setattr(parent, target_name, target.get_base_layer())

@@ -119,47 +119,69 @@ class Linear(nn.Module, IA3Layer):
         return "ia3." + super().__repr__()
 
 
-class Conv2d(nn.Module, IA3Layer):
-    """(IA)^3 on nn.Conv2d: vectors shaped (1, C, 1, 1) as in PEFT."""
+class _ConvNd(nn.Module, IA3Layer):
+    """(IA)^3 on nn.Conv2d / nn.Conv3d: vectors shaped (1, C, 1, ...) as in PEFT; PEFT's formula
+    (no fused op: the scaling is a broadcast multiply around the base conv)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool = False,
-                 init_ia3_weights: bool = True, inference_mode: bool = False, **kwargs) -> None:
+                 init_ia3_weights: bool = True, inference_mode: bool = False, fan_in_fan_out: bool = False,
+                 **kwargs) -> None:
         super().__init__()
         IA3Layer.__init__(self, base_layer, is_feedforward=is_feedforward)
+        self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
+        self._kernel_dim = base_layer.weight.dim()
         self.update_layer(adapter_name, init_ia3_weights, inference_mode)
 
     def update_layer(self, adapter_name: str, init_ia3_weights: bool = True, inference_mode: bool = False) -> None:
-        shape = (1, self.in_features, 1, 1) if self.is_feedforward else (1, self.out_features, 1, 1)
-        self.ia3_l[adapter_name] = nn.Parameter(torch.randn(shape))
+        n = self.in_features if self.is_feedforward else self.out_features
+        self.ia3_l[adapter_name] = nn.Parameter(torch.randn((1, n) + (1,) * (self._kernel_dim - 2)))
         if init_ia3_weights:
             nn.init.constant_(self.ia3_l[adapter_name], 1.0)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _scaling(self):
-        scale = None
-        for a in self.active_adapters:
-            if a in self.ia3_l:
-                scale = self.ia3_l[a] if scale is None else scale * self.ia3_l[a]
-        return scale
-
     def _weight_factor(self, adapter: str) -> torch.Tensor:
         l = self.ia3_l[adapter].data
-        return l.transpose(0, 1) if not self.is_feedforward else l
+        if not self.is_feedforward:
+            return l.transpose(0, 1)
+        base = self.get_base_layer()
+        if base.groups == 1:
+            return l
+        # grouped conv: weight is [out, in / groups, ...]; each group's outputs see their group's inputs
+        g, in_g, out_g = base.groups, base.in_channels // base.groups, base.out_channels // base.groups
+        l = l.reshape(g, 1, in_g, *l.shape[2:]).expand(g, out_g, in_g, *l.shape[2:])
+        return l.reshape(base.out_channels, in_g, *l.shape[3:])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        dtype = previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        scale = None if self.merged else self._scaling()
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+        scale = None
+        for a in self.active_adapters:
+            if a in self.ia3_l:
+                dtype = self.ia3_l[a].dtype
+                scale = self.ia3_l[a] if scale is None else scale * self.ia3_l[a]
         if scale is None:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         if self.is_feedforward:
-            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        return (result * scale).to(result.dtype)
+            interm = (x.to(dtype) * scale).to(self.get_base_layer().weight.dtype)
+            result = self.base_layer(interm, *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs).to(dtype) * scale
+        return result.to(previous_dtype)
 
     def __repr__(self) -> str:
         return "ia3." + super().__repr__()
+
+
+class Conv2d(_ConvNd):
+    """(IA)^3 on nn.Conv2d."""
+
+
+class Conv3d(_ConvNd):
+    """(IA)^3 on nn.Conv3d."""

@@ -15,7 +15,7 @@ from ..lora.bnb import is_bnb_4bit, is_bnb_8bit
 from ..tuners_utils import BaseTuner, BaseTunerLayer
 from .bnb import Linear4bit, Linear8bitLt
 from .config import IA3Config
-from .layer import Conv2d, IA3Layer, Linear
+from .layer import Conv2d, Conv3d, IA3Layer, Linear
 
 
 class IA3Model(BaseTuner):
@@ -61,6 +61,8 @@ class IA3Model(BaseTuner):
             new = Linear8bitLt(target, adapter_name, **kw)
         elif isinstance(base, nn.Conv2d):
             new = Conv2d(target, adapter_name, **kw)
+        elif isinstance(base, nn.Conv3d):
+            new = Conv3d(target, adapter_name, **kw)
         elif isinstance(base, nn.Linear):
             if ia3_config.fan_in_fan_out:
                 warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.")

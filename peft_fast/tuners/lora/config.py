@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 
 from ...config import PeftConfig
 from ...utils.peft_types import PeftType
+from .bdlora import BdLoraConfig
+from .velora import VeloraConfig
 
 
 @dataclass
@@ -21,8 +23,8 @@ class LoraRuntimeConfig:
 # accepted and written back unchanged (so files match PEFT's); anything else is refused.
 _UNSUPPORTED_FIELDS = (
     "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config",
-    "velora_config", "alora_invocation_tokens", "layer_replication",
-    "target_parameters", "use_bdlora", "arrow_config",
+    "alora_invocation_tokens", "layer_replication",
+    "target_parameters", "arrow_config",
 )
 SUPPORTED_INITS = (True, False, "gaussian", "mica")
 
@@ -103,7 +105,7 @@ class LoraConfig(PeftConfig):
     corda_config: Optional[object] = field(default=None)
     lora_ga_config: Optional[object] = field(default=None)
     use_dora: bool = field(default=False)
-    velora_config: Optional[object] = field(default=None)
+    velora_config: Optional[Union[VeloraConfig, dict]] = field(default=None)
     alora_invocation_tokens: Optional[list[int]] = field(default=None)
     use_qalora: bool = field(default=False)
     qalora_group_size: int = field(default=16)
@@ -112,7 +114,7 @@ class LoraConfig(PeftConfig):
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = field(default=False)
     target_parameters: Optional[list[str]] = field(default=None)
-    use_bdlora: Optional[object] = field(default=None)
+    use_bdlora: Optional[BdLoraConfig] = field(default=None)
     arrow_config: Optional[object] = field(default=None)
     kasa_config: Optional[KasaConfig] = field(default=None)
     ensure_weight_tying: bool = field(default=False)
@@ -128,6 +130,8 @@ class LoraConfig(PeftConfig):
         if isinstance(self.monteclora_config, dict):
             self.monteclora_config = MontecloraConfig(**self.monteclora_config)
         self.kasa_config = _get_lora_subconfig(self.kasa_config, KasaConfig)
+        self.velora_config = _get_lora_subconfig(self.velora_config, VeloraConfig)
+        self.use_bdlora = _get_lora_subconfig(self.use_bdlora, BdLoraConfig)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -1,6 +1,7 @@
 """LoRA / DoRA adapter layers with PEFT's module structure and attribute names (L3).
 
-`Linear` (also wrapping GPT-2's Conv1D via fan_in_fan_out), `Embedding`, `Conv1d`, `Conv2d`.
+`Linear` (also wrapping GPT-2's Conv1D via fan_in_fan_out), `Embedding`, `Conv1d`, `Conv2d`, `Conv3d`
+(`MultiheadAttention` lives in mha.py).
 Forward of Linear goes through the fused autograd ops of `peft_fast.functional`; the other
 layer types and unusual combinations use a composite path with PEFT's exact formula.
 """
@@ -61,8 +62,10 @@ class LoraLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
             in_f, out_f = base.in_features, base.out_features
-        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             in_f, out_f = base.in_channels, base.out_channels
+        elif isinstance(base, nn.MultiheadAttention):  # in_proj: embed_dim -> 3 * embed_dim
+            in_f, out_f = base.embed_dim, 3 * base.embed_dim
         elif isinstance(base, nn.Embedding):
             in_f, out_f = base.num_embeddings, base.embedding_dim
         elif is_conv1d(base):
@@ -108,7 +111,7 @@ class LoraLayer(BaseTunerLayer):
             self._init_dora(adapter_name)
         if variant is not None:
             self.lora_variant[adapter_name] = variant
-            variant.init(self, adapter_name, config=config)
+            variant.init(self, adapter_name, config=config, target_name=kwargs.get("target_name", ""))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
@@ -139,6 +142,13 @@ class LoraLayer(BaseTunerLayer):
         from .mica import mica_init_embedding, mica_init_linear
 
         (mica_init_linear if adapter_name in self.lora_A else mica_init_embedding)(self, adapter_name)
+
+    def _lora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (A, B) of one adapter for the fused ops (a variant may build them, e.g. BD-LoRA)."""
+        variant = self.lora_variant.get(adapter)
+        if variant is not None:
+            return variant.lora_weights(self, adapter)
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight
 
     def _variant_fusable(self, active: list[str]) -> bool:
         return all(self.lora_variant[a].fusable(self) for a in active if a in self.lora_variant)
@@ -447,9 +457,9 @@ class Linear(nn.Module, LoraLayer):
         if any(self.lora_bias[a] for a in active) or not self._variant_fusable(active):
             return None
         if not any(a in self.lora_magnitude_vector for a in active):
+            As, Bs = zip(*(self._lora_weights(a) for a in active))
             return lora_linear(
-                x, base.weight, base.bias, [self.lora_A[a].weight for a in active],
-                [self.lora_B[a].weight for a in active], [self.scaling[a] for a in active],
+                x, base.weight, base.bias, list(As), list(Bs), [self.scaling[a] for a in active],
                 [self._dropout_p(a) for a in active], self.fan_in_fan_out,
             )
         if len(active) == 1 and self._dropout_p(active[0]) == 0.0:
@@ -593,7 +603,7 @@ class Embedding(nn.Module, LoraLayer):
 
 
 class _ConvNd(nn.Module, LoraLayer):
-    """LoRA on nn.Conv1d / nn.Conv2d: lora_A is a conv with the base kernel, lora_B a 1x1 conv."""
+    """LoRA on nn.Conv1d / nn.Conv2d / nn.Conv3d: lora_A is a conv with the base kernel, lora_B a 1x1 conv."""
 
     conv_fn = None
 
@@ -602,6 +612,8 @@ class _ConvNd(nn.Module, LoraLayer):
                  use_dora: bool = False, lora_bias: bool = False, **kwargs) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
+        if getattr(kwargs.get("config"), "velora_config", None) is not None:
+            raise ValueError("VeLoRA does not support adapting conv layers.")
         if base_layer.groups > 1:
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         self._kernel_dim = base_layer.weight.dim()
@@ -703,3 +715,7 @@ class Conv1d(_ConvNd):
 
 class Conv2d(_ConvNd):
     conv_fn = staticmethod(F.conv2d)
+
+
+class Conv3d(_ConvNd):
+    conv_fn = staticmethod(F.conv3d)

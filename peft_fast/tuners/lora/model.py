@@ -17,7 +17,8 @@ from ...utils.transaction import rollback_on_error
 from ..tuners_utils import BaseTuner, BaseTunerLayer
 from .config import LoraConfig
 from .bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
-from .layer import Conv1d, Conv2d, Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+from .mha import MultiheadAttention
 
 
 def _new_lora_module(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs) -> nn.Module:
@@ -30,8 +31,12 @@ def _new_lora_module(target: nn.Module, adapter_name: str, fan_in_fan_out: bool,
         return Embedding(target, adapter_name, **kwargs)
     if isinstance(base, nn.Conv2d):
         return Conv2d(target, adapter_name, **kwargs)
+    if isinstance(base, nn.Conv3d):
+        return Conv3d(target, adapter_name, **kwargs)
     if isinstance(base, nn.Conv1d):
         return Conv1d(target, adapter_name, **kwargs)
+    if isinstance(base, nn.MultiheadAttention):
+        return MultiheadAttention(target, adapter_name, **kwargs)
     if isinstance(base, nn.Linear):
         if fan_in_fan_out:
             warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.")
@@ -42,7 +47,8 @@ def _new_lora_module(target: nn.Module, adapter_name: str, fan_in_fan_out: bool,
         return Linear(target, adapter_name, fan_in_fan_out=True, is_target_conv_1d_layer=True, **kwargs)
     raise ValueError(
         f"Target module {base} is not supported. Currently, only the following modules are supported: "
-        "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `transformers.pytorch_utils.Conv1D`."
+        "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `torch.nn.Conv3d`, "
+        "`transformers.pytorch_utils.Conv1D`, `torch.nn.MultiheadAttention.`."
     )
 
 
@@ -79,6 +85,7 @@ class LoraModel(BaseTuner):
                       use_dora=lora_config.use_dora, lora_bias=lora_config.lora_bias,
                       inference_mode=lora_config.inference_mode)
         kwargs["config"] = lora_config  # LoRA variants (variants.py) read their sub-config from it
+        kwargs["target_name"] = current_key  # and BD-LoRA matches its patterns against it
         if isinstance(target, LoraLayer):
             if isinstance(target, Embedding):
                 if lora_config.use_dora:

@@ -54,6 +54,10 @@ def _requested(config) -> tuple[str, ...]:
         keys.append("monteclora_config")
     if getattr(config, "init_lora_weights", None) == "mica":
         keys.append("mica")
+    if getattr(config, "velora_config", None):
+        keys.append("velora_config")
+    if getattr(config, "use_bdlora", None):
+        keys.append("use_bdlora")
     return tuple(sorted(keys))
 
 
@@ -61,9 +65,12 @@ def linear_variants() -> dict:
     from .kasa import KasaLinearVariant
     from .mica import MiCALinearVariant
     from .monteclora import MontecloraLinearVariant
+    from .bdlora import BdLoraLinearVariant
+    from .velora import VeloraLinearVariant
 
     return {(): None, ("use_dora",): None, ("kasa_config",): KasaLinearVariant,
-            ("monteclora_config",): MontecloraLinearVariant, ("mica",): MiCALinearVariant}
+            ("monteclora_config",): MontecloraLinearVariant, ("mica",): MiCALinearVariant,
+            ("velora_config",): VeloraLinearVariant, ("use_bdlora",): BdLoraLinearVariant}
 
 
 def embedding_variants() -> dict:
