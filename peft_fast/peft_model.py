@@ -170,7 +170,7 @@ class PeftModel(nn.Module):
                     autocast_adapter_dtype: bool = True) -> None:
         """Add an inactive adapter; with `autocast_adapter_dtype` its fp16/bf16 weights become fp32."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists")
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
         if peft_config.peft_type != self.peft_type:
             raise ValueError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and {peft_config.peft_type}.")
         self._extend_task_modules_to_save(peft_config)
@@ -181,7 +181,7 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} not found. Available adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} not found. Available adapters: {sorted(self.peft_config)}")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
