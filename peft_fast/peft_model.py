@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from typing import Any, Optional, Sequence, Union
@@ -15,6 +14,7 @@ from .config import PeftConfig
 from .mapping import base_model_name_or_path, tuner_class_for
 from .tuners.tuners_utils import BaseTunerLayer
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.hub import push_to_hub
 from .utils.io import atomic_save_safetensors, atomic_torch_save
 from .utils.model_card import create_or_update_model_card
 from .utils.other import ModulesToSaveWrapper, set_trainable
@@ -324,21 +324,17 @@ class PeftModel(nn.Module):
         """Write or update ``README.md`` with PEFT's metadata (library_name, tags, base_model)."""
         create_or_update_model_card(self, output_dir)
 
-    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                    commit_description: Optional[str] = None, private: Optional[bool] = None,
                     token: Optional[Union[bool, str]] = None, revision: Optional[str] = None, create_pr: bool = False,
-                    safe_serialization: bool = True, **kwargs):
-        """Save the adapters (``save_pretrained`` layout) and upload them to the Hub repo `repo_id` in
-        one commit, as transformers' ``PushToHubMixin`` (PEFT's base class) does. Needs huggingface_hub."""
-        try:
-            from huggingface_hub import HfApi
-        except ImportError as e:
-            raise ImportError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from e
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, safe_serialization=safe_serialization, **kwargs)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload model",
-                                     revision=revision, create_pr=create_pr)
+                    max_shard_size: Optional[Union[int, str]] = "50GB", tags: Optional[list[str]] = None, **kwargs):
+        """Save the adapters (``save_pretrained`` layout, model card included; extra `kwargs` such as
+        ``safe_serialization`` go to it) and upload them to the Hub repo `repo_id` in one commit, with
+        the signature of transformers' ``PushToHubMixin.push_to_hub`` (PEFT's base class). Returns the
+        ``CommitInfo``. Needs huggingface_hub."""
+        return push_to_hub(self, repo_id, commit_message=commit_message, commit_description=commit_description,
+                           private=private, token=token, revision=revision, create_pr=create_pr,
+                           max_shard_size=max_shard_size, tags=tags, **kwargs)
 
     # ---- misc PEFT API ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -238,21 +238,53 @@ def test_ia3_merge_unmerge_keeps_16bit_bias(dtype):
 
 
 # ---- push_to_hub (upload mocked) ------------------------------------------------------------------
-def test_push_to_hub_uploads_the_saved_adapter():
-    pytest.importorskip("huggingface_hub")
+def test_push_to_hub_signature_is_peft_s():
+    import inspect
+
+    ref = inspect.signature(peft.PeftModel.push_to_hub).parameters
+    ours = inspect.signature(peft_fast.PeftModel.push_to_hub).parameters
+    assert [(n, p.kind, p.default) for n, p in ref.items()] == \
+        [(n, p.kind, p.default) for n, p in ours.items() if p.kind != p.VAR_KEYWORD]
+
+
+@pytest.mark.parametrize("remote_card", [False, True])
+def test_push_to_hub_uploads_the_saved_adapter(remote_card):
+    """One commit with the save_pretrained files; the repo's card (if any) is updated with PEFT's
+    metadata and the tags, never replaced; nothing goes to the network (HfApi and the card load mocked)."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import EntryNotFoundError
+
     model = _both(**_lora_kwargs())[1]
-    if not hasattr(type(model), "push_to_hub"):
-        pytest.skip("push_to_hub not available")
     seen = {}
 
-    def upload_folder(*args, folder_path=None, repo_id=None, commit_message=None, **kwargs):
-        seen.update(files=sorted(os.listdir(folder_path)), repo_id=repo_id, commit_message=commit_message)
+    def upload_folder(*args, folder_path=None, **kwargs):
+        seen.update(kwargs, files=sorted(os.listdir(folder_path)),
+                    card=open(os.path.join(folder_path, "README.md"), encoding="utf-8").read(),
+                    config=open(os.path.join(folder_path, "adapter_config.json"), encoding="utf-8").read())
         return "commit-info"
 
+    def load_card(repo_or_path, **kwargs):
+        if os.path.exists(str(repo_or_path)):
+            return real_load(repo_or_path, **kwargs)
+        if not remote_card:
+            raise EntryNotFoundError("no README.md")
+        return hub.ModelCard("---\nlicense: mit\ntags:\n- mine\n---\n\n# Their adapter\n")
+
+    real_load = hub.ModelCard.load
     with mock.patch("huggingface_hub.HfApi.create_repo") as create_repo, \
-            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=upload_folder):
+            mock.patch("huggingface_hub.HfApi.create_branch") as create_branch, \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=upload_folder), \
+            mock.patch("huggingface_hub.ModelCard.load", side_effect=load_card):
         create_repo.return_value = mock.Mock(repo_id="me/adapter")
-        result = model.push_to_hub("me/adapter", commit_message="first")
+        result = model.push_to_hub("adapter", commit_message="first", commit_description="desc", revision="dev",
+                                   tags=["t1"], safe_serialization=False)
     assert result == "commit-info"
+    create_repo.assert_called_once()
+    create_branch.assert_called_once_with(repo_id="me/adapter", branch="dev", token=None, exist_ok=True)
     assert seen["repo_id"] == "me/adapter" and seen["commit_message"] == "first"
-    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(seen["files"])
+    assert seen["commit_description"] == "desc" and seen["revision"] == "dev" and seen["create_pr"] is False
+    assert seen["files"] == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    meta = yaml.safe_load(re.search(r"---\n(.*?)\n---", seen["card"], re.DOTALL).group(1))
+    assert meta["library_name"] == "peft" and "lora" in meta["tags"] and "t1" in meta["tags"]
+    assert ("# Their adapter" in seen["card"]) == remote_card
+    assert (meta.get("license") == "mit" and "mine" in meta["tags"]) == remote_card
