@@ -20,6 +20,7 @@ from ...functional import dora_linear, lora_linear
 from ...functional._common import fold_tensor_scaling
 from ...utils.other import is_conv1d, transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from .dora_embedding import dora_embedding_forward, dora_embedding_init_norm, dora_embedding_norm
 from .variants import conv_variants, embedding_variants, linear_variants, resolve_lora_variant
 
 
@@ -527,11 +528,9 @@ class Embedding(nn.Module, LoraLayer):
         LoraLayer.__init__(self, base_layer)
         if lora_bias:
             raise ValueError(f"lora_bias={lora_bias} is not supported for {self.__class__.__name__}.")
-        if use_dora:
-            raise NotImplementedError("DoRA on nn.Embedding is not supported by peft_fast yet; target Linear layers")
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, **kwargs)
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, use_dora=use_dora, **kwargs)
 
     def _lora_variants(self) -> dict:
         return embedding_variants()
@@ -549,19 +548,44 @@ class Embedding(nn.Module, LoraLayer):
         out = (B @ A).T * self.scaling[adapter]
         return out.to(dtype) if cast else out
 
+    # -- DoRA (dora_embedding.py): magnitude per embedding dim, W <- (m / ||W^T + dW^T||) (W + dW) on merge
+    def _init_dora(self, adapter_name: str) -> None:
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(dora_embedding_init_norm(self, adapter_name))
+
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return dora_embedding_norm(weight, delta)
+
+    def _factor_view(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor.view(1, -1)
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        w = self._base_weight_data().clone()
+        for adapter in reversed(self.merged_adapters):
+            if adapter in self.lora_embedding_A:
+                w = self._undo(adapter, w)
+        return w
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_embedding_A:
                 continue
-            base = self.get_base_layer()
-            new_w = base.weight.data + self.get_delta_weight(adapter).to(base.weight.dtype)
+            w = self.get_base_layer().weight.data
+            delta = self.get_delta_weight(adapter)
+            if adapter in self.lora_magnitude_vector:
+                norm = self._dora_norm(self._unmerged_base_weight() if self.merged else w, delta).detach()
+                self._caches[f"{adapter}-weight_norm"] = norm
+                factor = self._factor_view(self.lora_magnitude_vector[adapter].weight / norm)
+                new_w = (factor * (w + delta)).to(w.dtype)
+            else:
+                new_w = w + delta.to(w.dtype)
             self._write_merged(adapter, new_w, None, safe_merge)
 
     def unmerge(self) -> None:
         for adapter in self._pop_merged():
             if adapter in self.lora_embedding_A:
                 w = self.get_base_layer().weight
-                w.data -= self.get_delta_weight(adapter).to(w.dtype)
+                norm = self._caches.pop(f"{adapter}-weight_norm", None)
+                w.data = self._undo(adapter, w.data, norm).to(w.dtype)
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         b = self.get_base_layer()
@@ -586,6 +610,9 @@ class Embedding(nn.Module, LoraLayer):
         scale = self._embed_scale()
         for a in dict.fromkeys(adapter_names) if adapter_names is not None else self.active_adapters:
             if a not in self.lora_embedding_A:
+                continue
+            if a in self.lora_magnitude_vector and adapter_names is None:
+                result = dora_embedding_forward(self, a, x, result, scale)
                 continue
             rows = [i for i, n in enumerate(adapter_names) if n == a] if adapter_names is not None else None
             xs = x if rows is None else x[rows]

@@ -88,9 +88,7 @@ class LoraModel(BaseTuner):
         kwargs["target_name"] = current_key  # and BD-LoRA matches its patterns against it
         if isinstance(target, LoraLayer):
             if isinstance(target, Embedding):
-                if lora_config.use_dora:
-                    raise NotImplementedError("DoRA on nn.Embedding is not supported by peft_fast yet")
-                kwargs.pop("use_dora"), kwargs.pop("lora_bias")
+                kwargs.pop("lora_bias")
             target.update_layer(adapter_name, **kwargs)
         else:
             new_module = _new_lora_module(target, adapter_name, lora_config.fan_in_fan_out, **kwargs)
