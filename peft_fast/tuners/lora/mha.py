@@ -7,10 +7,13 @@ Only `_qkv_same_embed_dim=True` is supported, DoRA is refused, and mixed-adapter
 
 torch's attention reads `in_proj_weight` and `out_proj.weight` directly (out_proj's forward is never
 called), so the adapters act through merged weights. PEFT merges before and unmerges after every
-forward by re-registering the parameters; here the forward calls the base layer through
-`torch.func.functional_call` with the merged weights as differentiable tensors instead, so nothing is
-mutated and the base parameters stay registered. Composite path (no fused op): the cost is one
-[3E, r] x [r, E] and one [E, r] x [r, E] product per forward.
+forward by deleting and re-registering the parameters; here the forward shadows `in_proj_weight` and
+out_proj's weight (and bias) with the merged, differentiable tensors for the duration of the base
+call only (`_shadowed`), so the registered parameters are never replaced or reordered. Shadowing the
+instance attribute, not swapping `_parameters` (as `torch.func.functional_call` does), also works
+under FSDP with `use_orig_params=True`, which sets the parameters as plain instance attributes.
+Composite path (no fused op): the cost is one [3E, r] x [r, E] and one [E, r] x [r, E] product per
+forward.
 
 PEFT's merge adds out_proj's delta twice: once itself and once through `out_proj.merge()` (which
 adds its delta to the already-merged weight). Forward, explicit merges and `merge_and_unload` all
@@ -19,14 +22,36 @@ copy. This module reproduces it exactly, so that outputs, gradients and merged w
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..tuners_utils import check_adapters_to_merge
 from .layer import Linear, LoraLayer
+
+
+_MISSING = object()
+
+
+@contextmanager
+def _shadowed(items):
+    """Temporarily make `module.name` read `value` for each (module, name, value): an instance
+    attribute hides the registered parameter (attribute lookup finds `__dict__` before
+    `nn.Module.__getattr__`), and the previous instance attribute, if any, comes back after."""
+    saved = []
+    try:
+        for module, name, value in items:
+            saved.append((module, name, module.__dict__.get(name, _MISSING)))
+            module.__dict__[name] = value
+        yield
+    finally:
+        for module, name, prev in reversed(saved):
+            if prev is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = prev
 
 
 class MultiheadAttention(nn.Module, LoraLayer):
@@ -180,10 +205,11 @@ class MultiheadAttention(nn.Module, LoraLayer):
             w_in, w_out, b_out = self._merged_weights(
                 active, base.in_proj_weight.detach(), out_base.weight.detach(), out_base.bias
             )
-            params = {"in_proj_weight": w_in, "out_proj.base_layer.weight": w_out}
-            if b_out is not None:
-                params["out_proj.base_layer.bias"] = b_out
-            result = functional_call(base, params, (query,) + args, kwargs)
+            items = [(base, "in_proj_weight", w_in), (out_base, "weight", w_out)]
+            if b_out is not None and b_out is not out_base.bias:
+                items.append((out_base, "bias", b_out))
+            with _shadowed(items):
+                result = base(query, *args, **kwargs)
         return (result[0].to(previous_dtype), result[1].to(previous_dtype) if result[1] is not None else result[1])
 
     def __repr__(self) -> str:
