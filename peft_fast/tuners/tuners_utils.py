@@ -41,6 +41,8 @@ def check_target_module_exists(config, key: str) -> Union[bool, "re.Match[str]",
     if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
         return _ExcludedModule()
     targets = config.target_modules
+    if targets is None and getattr(config, "target_parameters", None) is not None:
+        return False  # only parameters are targeted
     if isinstance(targets, str):
         return re.fullmatch(targets, key)
     if key in targets:
@@ -302,6 +304,7 @@ class BaseTuner(nn.Module):
         super().__init__()
         self.model = model
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []
         if not hasattr(self, "peft_config"):
             self.peft_config = {adapter_name: peft_config} if isinstance(peft_config, PeftConfig) else peft_config
         self.active_adapter: Union[str, list[str]] = adapter_name
@@ -355,6 +358,10 @@ class BaseTuner(nn.Module):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key):
         raise NotImplementedError
 
+    def _inject_parameters(self, peft_config, model: nn.Module, adapter_name: str) -> list[str]:
+        """Adapt the parameters named by `peft_config.target_parameters`; returns the matched names."""
+        raise ValueError(f"{type(self).__name__} does not support `target_parameters`")
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
         peft_config = self.peft_config[adapter_name]
@@ -366,6 +373,11 @@ class BaseTuner(nn.Module):
         # their modules_to_save copies, the base model); only the first adapter freezes the base model
         prior_grads = [(p, p.requires_grad) for p in model.parameters()] if existing else []
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
+        if getattr(peft_config, "target_parameters", None) and state_dict:
+            raise ValueError(
+                "Trying to inject a PEFT adapter from a state_dict but the PEFT config uses `target_parameters`. This "
+                "is not supported -- when using `target_parameters`, please inject the adapter without the state_dict."
+            )
         from_state = None
         if state_dict is not None:
             from_state = {k.rsplit("." + self.prefix, 1)[0] for k in state_dict}
@@ -382,8 +394,16 @@ class BaseTuner(nn.Module):
                 matched.append(key)
                 parent, target, target_name = _get_submodules(model, key)
                 self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
-        if not matched:
+        matched_params = []
+        if getattr(peft_config, "target_parameters", None):
+            matched_params = self._inject_parameters(peft_config, model, adapter_name)
+        if not matched and not matched_params:
             targets = peft_config.target_modules
+            if not excluded and not targets:
+                raise NoMatchingPeftModuleError(
+                    "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                    "these arguments."
+                )
             if excluded:
                 raise NoMatchingPeftModuleError(
                     f"All modules were excluded. Target modules {sorted(targets) if isinstance(targets, set) else targets!r}"
@@ -394,6 +414,13 @@ class BaseTuner(nn.Module):
                 f"model. Please check the target modules and try again."
             )
         self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
+        if peft_config.target_modules and not matched:
+            warnings.warn(f"target_modules={peft_config.target_modules} were set but no module was matched.",
+                          RuntimeWarning)
+        elif getattr(peft_config, "target_parameters", None) and not matched_params:
+            warnings.warn(f"target_parameters={peft_config.target_parameters} were set but no parameter was matched.",
+                          RuntimeWarning)
+        self.targeted_parameter_names.extend(k for k in matched_params if k not in self.targeted_parameter_names)
         # the new adapter's modules follow their layer's train/eval mode (a dropout created in
         # train mode inside an eval model would make inference random)
         for m in model.modules():

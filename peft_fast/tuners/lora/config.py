@@ -24,7 +24,7 @@ class LoraRuntimeConfig:
 _UNSUPPORTED_FIELDS = (
     "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config",
     "alora_invocation_tokens", "layer_replication",
-    "target_parameters", "arrow_config",
+    "arrow_config",
 )
 SUPPORTED_INITS = (True, False, "gaussian", "mica")
 
@@ -147,6 +147,8 @@ class LoraConfig(PeftConfig):
         for k, v in (self.rank_pattern or {}).items():
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"rank_pattern[{k!r}] should be a positive integer, got {v!r}")
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:

@@ -61,7 +61,9 @@ class LoraLayer(BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if isinstance(base, nn.Linear):
+        if getattr(self, "parameter_name", None) is not None:  # ParamWrapper: from the parameter's shape
+            in_f, out_f = self._get_in_out_features(base)
+        elif isinstance(base, nn.Linear):
             in_f, out_f = base.in_features, base.out_features
         elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             in_f, out_f = base.in_channels, base.out_channels
@@ -746,3 +748,7 @@ class Conv2d(_ConvNd):
 
 class Conv3d(_ConvNd):
     conv_fn = staticmethod(F.conv3d)
+
+
+# re-exported here, where PEFT defines them (peft.tuners.lora.layer.ParamWrapper)
+from .param_wrapper import ParamWrapper, _LoraFactorsProxy, _LoraParameterProxy  # noqa: E402,F401

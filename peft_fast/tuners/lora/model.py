@@ -19,6 +19,8 @@ from .config import LoraConfig
 from .bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .mha import MultiheadAttention
+from .param_wrapper import create_or_update_param_wrapper, inject_parameters
+from ...utils.merge_utils import MERGE_FUNCTIONS, check_merge_arguments, merge_task_tensors
 
 
 def _new_lora_module(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs) -> nn.Module:
@@ -75,8 +77,32 @@ class LoraModel(BaseTuner):
                     f"weights: the new adapter {'uses' if new_uses_kasa else 'does not use'} KaSA but adapter "
                     f"'{name}' {'does not' if new_uses_kasa else 'does'}."
                 )
+        # which parameter a wrapper's LoRA weights belong to is its place in the nesting: adapters
+        # that target parameters must all target the same ones
+        target_parameters = getattr(config, "target_parameters", None)
+        if target_parameters:
+            for name, other in self.peft_config.items():
+                other_tp = getattr(other, "target_parameters", None)
+                if other is not config and other_tp and set(other_tp) != set(target_parameters):
+                    raise ValueError(
+                        "When using multiple adapters with `target_parameters`, all adapters must target the same set "
+                        f"of parameters, but got {sorted(target_parameters)} for the new adapter and "
+                        f"{sorted(other_tp)} for adapter '{name}'."
+                    )
 
-    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key):
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        if peft_config.target_modules is None and getattr(peft_config, "target_parameters", None):
+            model_type = model_config.get("model_type")
+            if model_type in self.target_module_mapping:
+                peft_config.target_modules = set(self.target_module_mapping[model_type])
+            return peft_config
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def _inject_parameters(self, peft_config, model: nn.Module, adapter_name: str) -> list[str]:
+        return inject_parameters(self, peft_config, model, adapter_name)
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, *,
+                            parameter_name: Optional[str] = None):
         r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), current_key), lora_config.r)
         alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), current_key),
                                               lora_config.lora_alpha)
@@ -84,6 +110,10 @@ class LoraModel(BaseTuner):
                       init_lora_weights=lora_config.init_lora_weights, use_rslora=lora_config.use_rslora,
                       use_dora=lora_config.use_dora, lora_bias=lora_config.lora_bias,
                       inference_mode=lora_config.inference_mode)
+        if parameter_name is not None:  # target_parameters
+            create_or_update_param_wrapper(self, lora_config, adapter_name, target, target_name, parent,
+                                           parameter_name, kwargs)
+            return
         kwargs["config"] = lora_config  # LoRA variants (variants.py) read their sub-config from it
         kwargs["target_name"] = current_key  # and BD-LoRA matches its patterns against it
         if isinstance(target, LoraLayer):
@@ -124,22 +154,31 @@ class LoraModel(BaseTuner):
         for a in adapters:
             if a not in self.peft_config:
                 raise ValueError(f"Adapter {a} does not exist")
+        for a in adapters:
+            if getattr(self.peft_config[a], "target_parameters", None):
+                raise ValueError(
+                    f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter '{a}')"
+                )
         wrappers = [m for m in self.modules() if isinstance(m, ModulesToSaveWrapper)]
         if any(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers):
             raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save.")
         combination_type = "linear" if len(adapters) == 1 else combination_type
         ranks = [c.r if not c.rank_pattern else max(c.r, *c.rank_pattern.values())
                  for c in (self.peft_config[a] for a in adapters)]
-        if combination_type == "linear":
+        if combination_type in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"):
             if len(set(ranks)) != 1:
-                raise ValueError("All adapters must have the same r value when using combination_type linear.")
+                raise ValueError(
+                    "All adapters must have the same r value when using combination_type linear, ties, dare_ties or "
+                    "dare_linear."
+                )
             new_rank = ranks[0]
         elif combination_type == "cat":
             new_rank = sum(ranks)
-        elif combination_type == "svd":
+        elif combination_type.endswith("svd") and combination_type in MERGE_FUNCTIONS:
             new_rank = svd_rank or max(ranks)
         else:
-            raise ValueError(f"Invalid combination_type: {combination_type!r} (supported: 'linear', 'cat', 'svd')")
+            raise ValueError(f"Invalid combination_type: {combination_type!r} (supported: 'cat', "
+                             f"{', '.join(repr(c) for c in MERGE_FUNCTIONS)})")
         types = {type(self.peft_config[a].target_modules) for a in adapters}
         if len(types) > 1:
             raise ValueError("all adapter configs should follow the same target modules type.")
@@ -167,7 +206,9 @@ class LoraModel(BaseTuner):
                              svd_driver: Optional[str] = None, density: Optional[float] = None,
                              majority_sign_method: str = "total") -> None:
         """Combine adapters into a new one: 'linear' (weighted sum of A and B), 'cat'
-        (concatenated ranks, exact) or 'svd' (truncated SVD of the weighted delta)."""
+        (concatenated ranks, exact) or 'svd' (truncated SVD of the weighted delta); 'ties', 'dare_linear',
+        'dare_ties', 'magnitude_prune' merge A and B with that method (`density`, `majority_sign_method`),
+        their '_svd' forms merge the delta weights that way and then truncate as 'svd' does."""
         if adapter_name in self.peft_config:
             return
         if not adapters or weights is None or len(weights) != len(adapters):
@@ -181,14 +222,16 @@ class LoraModel(BaseTuner):
         if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 0):
             raise ValueError(f"add_weighted_adapter: svd_rank must be a positive integer (or None), got {svd_rank!r}")
         combination_type, new_rank, new_targets = self._check_add_weighted_adapter(adapters, combination_type, svd_rank)
-        if combination_type == "svd":
+        check_merge_arguments(combination_type, density, majority_sign_method)
+        if combination_type.endswith("svd"):
             self._check_svd_rank_fits(adapters, new_rank)
         with rollback_on_error(self):  # a failure leaves no half-added adapter
             self._add_weighted_adapter(adapters, weights, adapter_name, combination_type, new_rank, new_targets,
-                                       svd_clamp, svd_full_matrices, svd_driver)
+                                       svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method)
 
     def _add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, new_rank, new_targets,
-                              svd_clamp, svd_full_matrices, svd_driver) -> None:
+                              svd_clamp, svd_full_matrices, svd_driver, density=None,
+                              majority_sign_method="total") -> None:
         self.peft_config[adapter_name] = replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
                                                  target_modules=new_targets, alpha_pattern={}, rank_pattern={})
         self.inject_adapter(self.model, adapter_name)
@@ -224,21 +267,29 @@ class LoraModel(BaseTuner):
                 Bs = torch.cat([ab(a)[1] for a, w in pairs], dim=1)
                 tA.data[: As.shape[0]] = As
                 tB.data[:, : Bs.shape[1]] = Bs
-            elif combination_type == "linear":
+            elif not combination_type.endswith("svd"):  # linear, ties, dare_*, magnitude_prune: on A and B
+                # A gets sign(w s) sqrt|w s|, B sqrt|w s|, so that B A carries w s
                 wA, wB = [], []
                 for a, w in pairs:
-                    ws = w * target.scaling[a]
+                    ws = float(w) * target.scaling[a]
                     wA.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
                     wB.append(math.sqrt(abs(ws)))
-                tA.data = sum(x * ab(a)[0] for x, (a, _) in zip(wA, pairs)).to(tA.dtype)
-                tB.data = sum(x * ab(a)[1] for x, (a, _) in zip(wB, pairs)).to(tB.dtype)
+                As, Bs = [ab(a)[0] for a, _ in pairs], [ab(a)[1] for a, _ in pairs]
+                tA.data = merge_task_tensors(combination_type, As, torch.tensor(wA).to(As[0].device), density,
+                                             majority_sign_method).to(As[0].dtype)
+                tB.data = merge_task_tensors(combination_type, Bs, torch.tensor(wB).to(Bs[0].device), density,
+                                             majority_sign_method).to(As[0].dtype)
             else:
                 tA.data, tB.data = self._svd_weighted(pairs, new_rank, target, tA, tB, svd_clamp,
-                                                      svd_full_matrices, svd_driver)
+                                                      svd_full_matrices, svd_driver, combination_type, density,
+                                                      majority_sign_method)
 
     @staticmethod
-    def _svd_weighted(pairs, new_rank, target, tA, tB, clamp, full_matrices, driver):
-        delta = sum(w * target.get_delta_weight(a) for a, w in pairs)
+    def _svd_weighted(pairs, new_rank, target, tA, tB, clamp, full_matrices, driver, combination_type="svd",
+                      density=None, majority_sign_method="total"):
+        deltas = [target.get_delta_weight(a) for a, _ in pairs]
+        weights = torch.tensor([float(w) for _, w in pairs]).to(deltas[0].device)
+        delta = merge_task_tensors(combination_type, deltas, weights, density, majority_sign_method)
         conv2d = isinstance(target, Conv2d)
         if conv2d:
             delta = delta.squeeze() if target.weight.shape[2:4] == (1, 1) else delta.flatten(start_dim=1)
