@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import warnings
 from typing import Optional
 
 from torch import nn
@@ -11,6 +12,8 @@ from .tuners.ia3.config import IA3Config
 from .tuners.ia3.model import IA3Model
 from .tuners.lora.config import LoraConfig
 from .tuners.lora.model import LoraModel
+from .tuners.tuners_utils import BaseTunerLayer
+from .utils.constants import PEFT_TYPE_TO_PREFIX_MAPPING
 from .utils.peft_types import PeftType
 
 PEFT_TYPE_TO_CONFIG_MAPPING: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "IA3": IA3Config}
@@ -41,13 +44,34 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 
     if mixed:
         raise NotImplementedError("PeftMixedModel is not supported by peft_fast")
-    peft_config.base_model_name_or_path = base_model_name_or_path(model)
+    old_name, new_name = peft_config.base_model_name_or_path, base_model_name_or_path(model)
+    peft_config.base_model_name_or_path = new_name
+    # PEFT's warnings, same texts
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        warnings.warn("You are trying to modify a model with PEFT for a second time. If you want to reload the model "
+                      "with a different config, make sure to call `.unload()` before.")
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.")
     if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting "
+                          f"with revision {revision}")
         peft_config.revision = revision
+    warn_if_adapter_name_in_prefix(adapter_name, peft_config)
     task = _type_key(peft_config.task_type) if peft_config.task_type is not None else None
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel)
     return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def warn_if_adapter_name_in_prefix(adapter_name: str, peft_config: PeftConfig) -> None:
+    """An adapter named like a piece of the method's prefix ('lora' in 'lora_') can be confused with
+    the prefix when a state dict is loaded: PEFT's warning."""
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(_type_key(peft_config.peft_type))
+    if prefix and adapter_name in prefix:
+        warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix '{prefix}'. "
+                      "This may lead to reinitialization of the adapter weights during loading.")
 
 
 def base_model_name_or_path(model: nn.Module) -> Optional[str]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .mapping import base_model_name_or_path, tuner_class_for
+from .mapping import base_model_name_or_path, tuner_class_for, warn_if_adapter_name_in_prefix
 from .tuners.tuners_utils import BaseTunerLayer
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.hub import push_to_hub
@@ -120,9 +120,10 @@ class PeftModel(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Route `adapter_names` (mixed-adapter batches) to every adapter layer."""
+        """Route `adapter_names` (mixed-adapter batches) to every adapter layer. Inside
+        disable_adapter() there is nothing to route: the base model answers every row (as PEFT)."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
+        if adapter_names is None or not self.has_active_enabled_adapter:
             yield
             return
         if self.training:
@@ -171,6 +172,7 @@ class PeftModel(nn.Module):
         """Add an inactive adapter; with `autocast_adapter_dtype` its fp16/bf16 weights become fp32."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        warn_if_adapter_name_in_prefix(adapter_name, peft_config)
         if peft_config.peft_type != self.peft_type:
             raise ValueError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and {peft_config.peft_type}.")
         self._extend_task_modules_to_save(peft_config)
