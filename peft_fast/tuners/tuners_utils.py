@@ -17,7 +17,8 @@ from ._buffer_dict import BufferDict
 from ..config import PeftConfig
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
-from ..utils.other import ModulesToSaveWrapper, _get_submodules, get_conv1d_cls, set_trainable
+from ..utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules, get_conv1d_cls, set_trainable
+from ..utils.trainable_tokens import set_trainable_token_indices
 
 
 class _ExcludedModule:
@@ -385,7 +386,8 @@ class BaseTuner(nn.Module):
         for key, module in named:
             if not key or any(key.startswith(p) for p in existing):
                 continue
-            if isinstance(module, ModulesToSaveWrapper) or ".modules_to_save." in key or ".original_module" in key:
+            if (isinstance(module, AuxiliaryTrainingWrapper) or ".modules_to_save." in key or ".original_module" in key
+                    or ".token_adapter" in key):
                 continue
             result = (key in from_state) if from_state is not None else check_target_module_exists(peft_config, key)
             if isinstance(result, _ExcludedModule):
@@ -433,6 +435,8 @@ class BaseTuner(nn.Module):
         self._mark_only_adapters_as_trainable(model)
         set_trainable(model, adapter_name, getattr(peft_config, "modules_to_save", None),
                       inference_mode=peft_config.inference_mode, activate_adapter=adapter_name in self.active_adapters)
+        set_trainable_token_indices(model, peft_config, self.get_model_config(model), adapter_name,
+                                    activate_adapter=adapter_name in self.active_adapters)
         for p, requires_grad in prior_grads:
             p.requires_grad = requires_grad
         if low_cpu_mem_usage:
@@ -483,7 +487,7 @@ class BaseTuner(nn.Module):
 
     # ---- adapter management ------------------------------------------------------------------
     def _tuner_layers(self):
-        return [m for m in self.model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+        return [m for m in self.model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         for m in self._tuner_layers():
@@ -508,7 +512,7 @@ class BaseTuner(nn.Module):
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name!r} not found. Available adapters: {sorted(self.peft_config)}")
         for m in self.model.modules():  # every check before any layer switches
-            if isinstance(m, ModulesToSaveWrapper):
+            if isinstance(m, AuxiliaryTrainingWrapper):
                 m.check_set_adapter(adapter_name)
         for m in self.model.modules():
             if isinstance(m, BaseTunerLayer):
@@ -516,7 +520,7 @@ class BaseTuner(nn.Module):
                     warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                     m.unmerge()
                 m.set_adapter(adapter_name, inference_mode=inference_mode)
-            elif isinstance(m, ModulesToSaveWrapper):
+            elif isinstance(m, AuxiliaryTrainingWrapper):
                 m.set_adapter(adapter_name, inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
@@ -526,7 +530,7 @@ class BaseTuner(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_known_adapters(names, "adapter_names")
         for m in self.model.modules():
-            if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)):
+            if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 m.set_requires_grad(names, requires_grad=requires_grad)
 
     def _check_known_adapters(self, adapter_names, arg: str = "adapter_names") -> None:
@@ -552,7 +556,7 @@ class BaseTuner(nn.Module):
         if not new_active:
             new_active = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
         for m in self.model.modules():
-            if isinstance(m, ModulesToSaveWrapper):
+            if isinstance(m, AuxiliaryTrainingWrapper):
                 m.delete_adapter(adapter_name, new_active)
         self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
 
@@ -595,7 +599,7 @@ class BaseTuner(nn.Module):
                 if merge:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
+            elif isinstance(target, AuxiliaryTrainingWrapper):
                 setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
         for attr in ("peft_config",):
             if attr in self.model.__dict__:

@@ -1,6 +1,6 @@
 """Helpers shared by the layers above (file I/O, key formats, enums, constants)."""
 
-from .other import _get_submodules, infer_device, prepare_model_for_kbit_training
+from .other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules, infer_device, prepare_model_for_kbit_training
 from .save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -8,7 +8,8 @@ from .save_and_load import (
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
+from .trainable_tokens import TrainableTokensWrapper
 
-__all__ = ["_get_submodules", "get_base_model_state_dict", "get_peft_model_state_dict", "infer_device",
+__all__ = ["AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "TrainableTokensWrapper", "_get_submodules", "get_base_model_state_dict", "get_peft_model_state_dict", "infer_device",
            "load_peft_weights", "prepare_model_for_kbit_training", "set_base_model_state_dict",
            "set_peft_model_state_dict"]

@@ -50,7 +50,14 @@ def set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
         p.requires_grad_(requires_grad)
 
 
-class ModulesToSaveWrapper(nn.Module):
+class AuxiliaryTrainingWrapper(nn.Module):
+    """Base of the modules trained and saved beside an adapter (PEFT's name): `ModulesToSaveWrapper`
+    (full copies) and `TrainableTokensWrapper` (a few embedding rows, utils/trainable_tokens.py).
+    Tuners, saving and loading treat both through the same methods (set_adapter, delete_adapter,
+    adapter_state_dict, adapter_state_dict_load_map, unload_and_optionally_merge_module, ...)."""
+
+
+class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     """Keeps `original_module` frozen and trains a per-adapter copy in `modules_to_save[name]`.
 
     State-dict keys: ``<name>.original_module.*`` and ``<name>.modules_to_save.<adapter>.*``;
@@ -301,3 +308,13 @@ def infer_device() -> str:
     if npu is not None and npu.is_available():
         return "npu"
     return "cpu"
+
+
+def __getattr__(name: str):
+    # PEFT defines TrainableTokensWrapper here; it lives in trainable_tokens.py (imported lazily: it
+    # needs the tuner layer classes, which import this module)
+    if name == "TrainableTokensWrapper":
+        from .trainable_tokens import TrainableTokensWrapper
+
+        return TrainableTokensWrapper
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

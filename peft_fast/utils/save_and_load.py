@@ -15,7 +15,7 @@ from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .io import load_weights_file
-from .other import ModulesToSaveWrapper
+from .other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -94,7 +94,7 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
                 if key in state_dict:
                     out[key] = state_dict[key]
     for name, module in _named_modules(model):
-        if isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, AuxiliaryTrainingWrapper):
             local = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
             out.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, local).items()})
     if _save_embeddings(model, config, save_embedding_layers):
@@ -139,7 +139,7 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: 
         ckpt[k] = v
     mapping = {_to_checkpoint_key(k, adapter_name): k for k in _adapter_model_keys(model, adapter_name)}
     for name, module in _named_modules(model):
-        if isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, AuxiliaryTrainingWrapper):
             for k, target in module.adapter_state_dict_load_map(adapter_name).items():
                 mapping[f"{name}.{k}"] = f"{name}.{target}"
     to_load, unexpected, mismatched = {}, [], []
@@ -204,7 +204,7 @@ def _base_key_map(model) -> dict[str, str]:
 
     def walk(module: nn.Module, peft_prefix: str, orig_prefix: str) -> None:
         is_tuner = isinstance(module, BaseTunerLayer)
-        is_wrapper = isinstance(module, ModulesToSaveWrapper)
+        is_wrapper = isinstance(module, AuxiliaryTrainingWrapper)
         for kind in (module.named_parameters, module.named_buffers):
             for name, _ in kind(recurse=False):
                 if is_tuner or is_wrapper:
@@ -213,9 +213,13 @@ def _base_key_map(model) -> dict[str, str]:
         for name, child in module.named_children():
             if is_tuner and name != "base_layer":
                 continue
-            if is_wrapper and name != "original_module":
+            if is_wrapper and name not in ("original_module", "token_adapter"):
                 continue
-            infix = (is_tuner and name == "base_layer") or (is_wrapper and name == "original_module")
+            if is_wrapper and name == "token_adapter":  # TrainableTokensWrapper: only its base_layer is base model
+                child = child.base_layer
+            infix = (is_tuner and name == "base_layer") or is_wrapper
+            if is_wrapper and name == "token_adapter":
+                name = "token_adapter.base_layer"
             walk(child, f"{peft_prefix}{name}.", orig_prefix if infix else f"{orig_prefix}{name}.")
 
     walk(_base_root(model), "", "")

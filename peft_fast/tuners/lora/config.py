@@ -22,7 +22,7 @@ class LoraRuntimeConfig:
 # Fields PEFT has for LoRA variants peft_fast does not implement. Their default values are
 # accepted and written back unchanged (so files match PEFT's); anything else is refused.
 _UNSUPPORTED_FIELDS = (
-    "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config",
+    "megatron_config", "eva_config", "corda_config", "lora_ga_config",
     "alora_invocation_tokens", "layer_replication",
     "arrow_config",
 )
@@ -75,8 +75,6 @@ class MontecloraConfig:
             raise ValueError("`dirichlet_prior` must be greater than 0.")
         if self.buffer_size <= 0:
             raise ValueError("`buffer_size` must be greater than 0.")
-
-
 
 
 @dataclass

@@ -176,6 +176,10 @@ class MultiheadAttention(nn.Module, LoraLayer):
         base.out_proj = base.out_proj.get_base_layer()
         return base
 
+    def _restore_weights(self) -> None:
+        """PEFT re-registers the parameters its merges unregistered; here they are never unregistered
+        (merges write `.data`, forward only shadows them), so there is nothing to restore."""
+
     # ---- forward -------------------------------------------------------------------------------
     def _check_forward_args(self, x, *args, **kwargs) -> None:
         if "adapter_names" in kwargs:
