@@ -17,7 +17,7 @@ from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.hub import push_to_hub
 from .utils.io import atomic_save_safetensors, atomic_torch_save
 from .utils.model_card import create_or_update_model_card
-from .utils.other import ModulesToSaveWrapper, set_trainable
+from .utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_trainable
 from .utils.peft_types import TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .utils.transaction import rollback_on_error
@@ -145,7 +145,7 @@ class PeftModel(nn.Module):
             return args, kw
 
         for module in self.base_model.model.modules():
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)) and hasattr(module, "_mixed_batch_forward"):
+            if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and hasattr(module, "_mixed_batch_forward"):
                 handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         try:
             yield
