@@ -242,3 +242,45 @@ def test_default_target_modules_from_the_table(default, monkeypatch):
     model.config = _Config("no-such-type")
     with pytest.raises(ValueError, match="Please specify `target_modules`"):
         peft_fast.get_peft_model(model, peft_fast.LoraConfig())
+
+
+# --------------------------------------------------------------------------------------------
+# get_peft_model / add_adapter warnings, adapter_names inside disable_adapter()
+# --------------------------------------------------------------------------------------------
+def _warning_texts(fn) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return sorted(str(w.message) for w in caught if "was renamed" in str(w.message) or "second time" in
+                  str(w.message) or "should not be contained" in str(w.message))
+
+
+def test_get_peft_model_and_add_adapter_warnings_like_peft():
+    texts = []
+    for lib in (peft, peft_fast):
+        def run():
+            model = _mlp()
+            pm = lib.get_peft_model(model, lib.LoraConfig(target_modules=["lin0"], base_model_name_or_path="custom"),
+                                    adapter_name="lora")
+            pm.add_adapter("ora", lib.LoraConfig(target_modules=["lin0"]))
+            lib.get_peft_model(pm.base_model.model, lib.LoraConfig(target_modules=["lin1"]), adapter_name="x")
+        texts.append(_warning_texts(run))
+    assert texts[1] == texts[0]
+    assert len(texts[1]) == 4
+
+
+def test_adapter_names_inside_disable_adapter_run_the_base_model():
+    results = []
+    x = torch.randn(3, 10)
+    for lib in (peft, peft_fast):
+        base = _mlp()
+        y_base = base(x)
+        pm = lib.get_peft_model(base, CONFIGS["lora"](lib))
+        pm.train()  # PEFT refuses adapter_names in training mode, but not inside disable_adapter()
+        with pm.disable_adapter():
+            y = pm(x, adapter_names=["default", "__base__", "unknown"])
+        results.append(y)
+        torch.testing.assert_close(y, y_base)
+    torch.testing.assert_close(results[1], results[0])

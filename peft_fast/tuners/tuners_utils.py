@@ -306,8 +306,15 @@ class BaseTuner(nn.Module):
         self.model = model
         self.targeted_module_names: list[str] = []
         self.targeted_parameter_names: list[str] = []
-        if not hasattr(self, "peft_config"):
+        if not hasattr(self, "peft_config"):  # (found on the model too: a model PEFT already modified)
             self.peft_config = {adapter_name: peft_config} if isinstance(peft_config, PeftConfig) else peft_config
+        else:
+            warnings.warn("Already found a `peft_config` attribute in the model. This will lead to having multiple "
+                          "adapters in the model. Make sure to know what you are doing!")
+            if isinstance(peft_config, PeftConfig):
+                self.peft_config[adapter_name] = peft_config
+            else:
+                self.peft_config.update(peft_config)
         self.active_adapter: Union[str, list[str]] = adapter_name
         self.training = model.training  # the wrapper reports the base model's mode (not recursive)
         self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
