@@ -294,18 +294,19 @@ class PeftModel(nn.Module):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         if selected_adapters is None:
             selected_adapters = list(self.peft_config)
-        unknown = [a for a in selected_adapters if a not in self.peft_config]
-        if unknown:
-            raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
-                             f"{sorted(self.peft_config)} - got {unknown}.")
-        if not is_main_process:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        self.create_or_update_model_card(save_directory)
+        elif any(a not in self.peft_config for a in selected_adapters):
+            raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names are"
+                             f" {list(self.peft_config.keys())} - got {selected_adapters}.")
+        if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            self.create_or_update_model_card(save_directory)
         for adapter_name in selected_adapters:
             config = self.peft_config[adapter_name]
+            # every rank builds the state dict (under FSDP, state_dict() is a collective); only the main one writes
             state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
                                               save_embedding_layers=save_embedding_layers)
+            if not is_main_process:
+                continue
             out_dir = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
             os.makedirs(out_dir, exist_ok=True)
             if safe_serialization:

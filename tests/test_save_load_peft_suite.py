@@ -288,3 +288,19 @@ def test_push_to_hub_uploads_the_saved_adapter(remote_card):
     assert meta["library_name"] == "peft" and "lora" in meta["tags"] and "t1" in meta["tags"]
     assert ("# Their adapter" in seen["card"]) == remote_card
     assert (meta.get("license") == "mit" and "mine" in meta["tags"]) == remote_card
+
+
+# ---- save_pretrained details ------------------------------------------------------------------------
+def test_save_pretrained_selected_adapters_error_and_non_main_process(tmp_path):
+    ref, ours = _both(**_lora_kwargs())
+    messages = []
+    for model in (ref, ours):
+        with pytest.raises(ValueError) as err:
+            model.save_pretrained(str(tmp_path / "x"), selected_adapters=["default", "nope"])
+        messages.append(str(err.value))
+    assert messages[1] == messages[0]
+    # a non-main rank builds the state dict (a collective under FSDP) but writes nothing
+    with mock.patch("peft_fast.peft_model.get_peft_model_state_dict",
+                    wraps=peft_fast.get_peft_model_state_dict) as get_state:
+        ours.save_pretrained(str(tmp_path / "rank1"), is_main_process=False)
+    assert get_state.call_count == 1 and not (tmp_path / "rank1").exists()

@@ -2,8 +2,8 @@
 
 Same metadata as ``peft.PeftModel.create_or_update_model_card``: ``library_name: peft``, the tags
 (``lora`` for LoRA, ``transformers`` for transformers models, ``base_model:adapter:<name>``), the
-``base_model`` from a transformers config, the pipeline tag of causal LMs, the bitsandbytes
-quantization config and a "Framework versions" line. An existing card is updated, not replaced.
+``base_model`` from a transformers config, the pipeline tag of causal LMs and a "Framework versions"
+line. An existing card is updated, not replaced.
 huggingface_hub (a dependency of transformers and PEFT) builds the card; it works offline. Without
 it a card with the same front matter is written by hand.
 """
@@ -16,8 +16,6 @@ from typing import Optional
 from .io import atomic_write_text
 
 MODEL_CARD_NAME = "README.md"
-_QUANT_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
-_TRAINING_HEADING = "## Training procedure"
 _FRAMEWORK_HEADING = "### Framework versions"
 
 
@@ -52,19 +50,12 @@ def peft_model_tags(peft_model) -> list[str]:
     return tags
 
 
-def _card_lines(text: str, peft_model, model_config: Optional[dict]) -> str:
+def _card_lines(text: str) -> str:
     from ..config import PEFT_FORMAT_VERSION
 
     lines = text.splitlines()
-    quant = getattr(getattr(peft_model.get_base_model(), "config", None), "quantization_config", None)
-    if quant is not None and hasattr(quant, "to_dict"):
-        quant = quant.to_dict()
-    if isinstance(quant, dict) and quant and _QUANT_PREFIX not in lines:
-        block = f"\n{_QUANT_PREFIX}\n" + "\n".join(f"- {k}: {v}" for k, v in quant.items()) + "\n"
-        if _TRAINING_HEADING in lines:
-            lines.insert(lines.index(_TRAINING_HEADING) + 2, block)
-        else:
-            lines.append(f"{_TRAINING_HEADING}\n{block}")
+    # PEFT (0.21) means to list a bitsandbytes quantization config here but tests for it on the config
+    # *dict* with hasattr, so it never does; cards stay identical to PEFT's by not writing it either
     version_line = f"- PEFT {PEFT_FORMAT_VERSION}"
     if version_line not in lines:
         if _FRAMEWORK_HEADING in lines:
@@ -84,7 +75,7 @@ def create_or_update_model_card(peft_model, output_dir: str) -> None:
     try:
         from huggingface_hub import ModelCard, ModelCardData
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        atomic_write_text(filename, _plain_card(peft_model, sorted(tags), causal_lm, base_model, model_config))
+        atomic_write_text(filename, _plain_card(sorted(tags), causal_lm, base_model))
         return
     card = ModelCard.load(filename) if os.path.exists(filename) else ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
@@ -94,11 +85,11 @@ def create_or_update_model_card(peft_model, output_dir: str) -> None:
         card.data.pipeline_tag = "text-generation"
     if base_model is not None:
         card.data["base_model"] = base_model
-    card.text = _card_lines(card.text, peft_model, model_config)
+    card.text = _card_lines(card.text)
     atomic_write_text(filename, str(card))
 
 
-def _plain_card(peft_model, tags, causal_lm, base_model, model_config) -> str:
+def _plain_card(tags, causal_lm, base_model) -> str:
     import json
 
     meta = [f"base_model: {json.dumps(base_model)}"] if base_model is not None else []
@@ -108,5 +99,5 @@ def _plain_card(peft_model, tags, causal_lm, base_model, model_config) -> str:
     if tags:
         meta.append("tags:")
         meta.extend(f"- {json.dumps(t)}" for t in tags)
-    body = _card_lines("", peft_model, model_config)
+    body = _card_lines("")
     return "---\n" + "\n".join(meta) + "\n---\n\n" + body + "\n"
