@@ -95,12 +95,8 @@ def resolve_lora_variant(mapping: dict, config) -> Optional[LoraVariant]:
     return cls() if cls is not None else None
 
 
-def __getattr__(name: str):
-    # PEFT defines every variant in peft.tuners.lora.variants; here each lives in its own file,
-    # imported lazily (those files import LoraVariant from this one)
-    homes = {"BlockDiagonalLinear": "bdlora", "BdLoraLinearVariant": "bdlora", "VeloraLinearVariant": "velora"}
-    if name in homes:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__package__}.{homes[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# PEFT defines every variant in this module; here each lives in its own file and is re-exported.
+# Those files import LoraVariant from here, so these imports come last (the package __init__
+# imports this module before any variant file).
+from .bdlora import BdLoraLinearVariant, BlockDiagonalLinear  # noqa: E402,F401
+from .velora import VeloraLinearVariant  # noqa: E402,F401
