@@ -18,7 +18,9 @@ forward.
 PEFT's merge adds out_proj's delta twice: once itself and once through `out_proj.merge()` (which
 adds its delta to the already-merged weight). Forward, explicit merges and `merge_and_unload` all
 share that, so out_proj's update counts double in value, while its gradient flows through one
-copy. This module reproduces it exactly, so that outputs, gradients and merged weights equal PEFT's.
+copy. And each adapter's merge starts from the detached weight so far, so with several active
+adapters only the last one's deltas receive gradients. This module reproduces both exactly, so that
+outputs, gradients and merged weights equal PEFT's.
 """
 from __future__ import annotations
 
@@ -73,6 +75,10 @@ class MultiheadAttention(nn.Module, LoraLayer):
         # out_proj's adapter first, then in_proj's, then out_proj's again (update_layer): PEFT's order,
         # so that one seed gives the same initial weights
         self.base_layer.out_proj = Linear(out_proj, adapter_name, r=r, lora_alpha=lora_alpha, **kwargs)
+        # PEFT re-registers both weights (_restore_weights), which moves each after its bias in the
+        # parameter order (named_parameters, state_dict, optimizer groups); same objects, same order here
+        for module, name in ((base_layer, "in_proj_weight"), (out_proj, "weight")):
+            module._parameters[name] = module._parameters.pop(name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, **kwargs)
 
@@ -128,9 +134,11 @@ class MultiheadAttention(nn.Module, LoraLayer):
         out_lora = self.get_base_layer().out_proj
         dtype = w_out.dtype
         for a in adapters:
-            w_in = w_in + self.get_delta_weight(a).to(dtype)
+            # each merge starts from `.data.detach()` of the weight so far: only the last adapter's
+            # deltas carry gradients (PEFT's numbers; see the module docstring)
+            w_in = w_in.detach() + self.get_delta_weight(a).to(dtype)
             d_out = out_lora.get_delta_weight(a).to(dtype)
-            w_out = (w_out + d_out) + d_out.detach().to(w_out.dtype)
+            w_out = (w_out.detach() + d_out) + d_out.detach()
             if out_lora.lora_bias[a] and b_out is not None:
                 b_out = b_out + (out_lora.lora_B[a].bias * out_lora.scaling[a]).detach()
         return w_in, w_out, b_out
