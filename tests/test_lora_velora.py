@@ -253,3 +253,26 @@ def test_helpers_match_peft():
         grads.append(torch.autograd.grad(out, (x, w, b), g))
     for a, r in zip(grads[1], grads[0]):
         assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_bitsandbytes_layers_refuse_velora_and_take_bdlora_as_plain_lora(kind):
+    """As PEFT's bitsandbytes LoRA layers (used for models loaded in 8/4 bit)."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def model():
+        m = nn.Module()
+        m.lin = (bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False) if kind == "8bit"
+                 else bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32))
+        setattr(m, f"is_loaded_in_{kind}", True)
+        return m
+
+    errors = []
+    for lib in (peft, peft_fast):
+        with pytest.raises(ValueError) as e:
+            lib.get_peft_model(model(), lib.LoraConfig(target_modules=["lin"], velora_config=lib.VeloraConfig()))
+        errors.append(str(e.value))
+        bd = lib.tuners.lora.config.BdLoraConfig(target_modules_bd_a=["lin"], nblocks=2)
+        layer = lib.get_peft_model(model(), lib.LoraConfig(target_modules=["lin"], use_bdlora=bd)).base_model.model.lin
+        assert type(layer.lora_A["default"]) is nn.Linear and not layer.lora_variant
+    assert errors[0] == errors[1]

@@ -14,6 +14,7 @@ bitsandbytes is imported only when one of these layers is built.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Optional
 
@@ -56,6 +57,15 @@ class _QuantizedLinear(Linear):
         kwargs.pop("fan_in_fan_out", None)
         kwargs.pop("is_target_conv_1d_layer", None)
         super().__init__(base_layer, adapter_name, fan_in_fan_out=False, **kwargs)
+
+    def update_layer(self, adapter_name: str, *args: Any, config=None, **kwargs: Any) -> None:
+        # PEFT's bitsandbytes layers refuse VeLoRA and take BD-LoRA configs as plain LoRA
+        if config is not None and getattr(config, "velora_config", None) is not None:
+            raise ValueError(f"{self.__class__.__name__} does not support VeLoRA.")
+        if config is not None and getattr(config, "use_bdlora", None) is not None:
+            config = copy.copy(config)
+            config.use_bdlora = None
+        super().update_layer(adapter_name, *args, config=config, **kwargs)
 
     def _base_weight_data(self) -> torch.Tensor:
         return self._dense_weight()
