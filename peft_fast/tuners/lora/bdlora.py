@@ -15,7 +15,9 @@ B with zeros, whatever `init_lora_weights` says.
 Path: the math is plain LoRA with a structured factor, so the forward goes through peft_fast's
 fused LoRA op with the dense factor ``block_diag(blocks)`` (built by a differentiable op, so
 the packed weight gets its gradient through it; the zeros add nothing). Merges use the dense
-factor too (PEFT's delta, in the base layer's dtype).
+factor too (PEFT's delta, in the base layer's dtype). The fused op draws its own dropout masks
+(as for plain LoRA); mixed-adapter batches take PEFT's per-adapter loop. Layers of models loaded
+in 8/4 bit take a BD-LoRA config as plain LoRA, as PEFT's bitsandbytes layers do.
 """
 from __future__ import annotations
 

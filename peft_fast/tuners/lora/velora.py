@@ -16,9 +16,10 @@ batch, taken on every training forward (`'batch_average'`) or on the first one o
 (`'batch_average_once'`).
 
 Path: the approximate A gradient does not fit peft_fast's fused LoRA op (which keeps ``x`` for
-dA), so training forwards use PEFT's formula with `VeloraFunction` for A (composite path). Eval
-and no-grad forwards compute plain LoRA, the same numbers as PEFT; merges use the plain
-``s * B @ A`` delta.
+dA), so training forwards with autograd on use PEFT's formula with `VeloraFunction` for A
+(composite path; the base layer keeps no input either, its weight being frozen). Eval and
+no-grad forwards are plain LoRA and take the fused op (`fusable`); merges use the plain
+``s * B @ A`` delta. Models loaded in 8/4 bit refuse VeLoRA, as PEFT's bitsandbytes layers do.
 """
 from __future__ import annotations
 
