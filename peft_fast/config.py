@@ -100,13 +100,21 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> "PeftConfig":
-        """Load ``adapter_config.json`` from a local directory."""
+        """Load ``adapter_config.json`` from a local directory or, when there is none, from the Hugging
+        Face Hub repo of that name (``revision``, ``cache_dir``, ``token`` in `kwargs`, as in PEFT)."""
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         config_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config_file):
-            raise ValueError(
-                f"Can't find '{CONFIG_NAME}' at '{path}' (peft_fast loads adapters from local directories only)"
-            )
+            config_file = None
+            if not os.path.isdir(path):
+                from .utils.hub import download_adapter_file
+
+                try:
+                    config_file = download_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - PEFT's text, the Hub's error chained
+                    raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}'") from exc
+            if config_file is None:
+                raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}'")
         loaded = cls.from_json_file(config_file)
         class_kwargs = {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}}
         return cls.from_peft_type(**{**class_kwargs, **loaded})

@@ -299,7 +299,6 @@ class PeftModel(nn.Module):
                              f" {list(self.peft_config.keys())} - got {selected_adapters}.")
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)
-            self.create_or_update_model_card(save_directory)
         for adapter_name in selected_adapters:
             config = self.peft_config[adapter_name]
             # every rank builds the state dict (under FSDP, state_dict() is a collective); only the main one writes
@@ -322,6 +321,8 @@ class PeftModel(nn.Module):
             auto_mapping = None if cfg.task_type is not None else {
                 "base_model_class": type(base).__name__, "parent_library": type(base).__module__}
             cfg.save_pretrained(out_dir, auto_mapping_dict=auto_mapping)
+        if is_main_process:  # last (PEFT writes it first): a failed save leaves no card behind either
+            self.create_or_update_model_card(save_directory)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write or update ``README.md`` with PEFT's metadata (library_name, tags, base_model)."""

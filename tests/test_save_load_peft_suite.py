@@ -304,3 +304,51 @@ def test_save_pretrained_selected_adapters_error_and_non_main_process(tmp_path):
                     wraps=peft_fast.get_peft_model_state_dict) as get_state:
         ours.save_pretrained(str(tmp_path / "rank1"), is_main_process=False)
     assert get_state.call_count == 1 and not (tmp_path / "rank1").exists()
+
+
+# ---- loading from the Hub (downloads mocked) --------------------------------------------------------
+def _fake_hub(root, calls):
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def hf_hub_download(repo_id, filename, subfolder=None, **kwargs):
+        calls.append((repo_id, filename, subfolder, kwargs))
+        path = os.path.join(root, subfolder or "", filename)
+        if not os.path.isfile(path):
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return path
+
+    return hf_hub_download
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_from_pretrained_downloads_from_the_hub(tmp_path, safe):
+    pytest.importorskip("huggingface_hub")
+    model = peft_fast.get_peft_model(_mlp(), peft_fast.LoraConfig(**_lora_kwargs()))
+    model.save_pretrained(str(tmp_path / "sub"), safe_serialization=safe)
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        expected = model(x)
+    calls = []
+    with mock.patch("huggingface_hub.hf_hub_download", side_effect=_fake_hub(str(tmp_path), calls)):
+        loaded = peft_fast.PeftModel.from_pretrained(_mlp(), "org/adapter", subfolder="sub", revision="v1")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    files = [c[1] for c in calls]
+    assert files[0] == "adapter_config.json"
+    assert files[1:] == (["adapter_model.safetensors"] if safe else ["adapter_model.safetensors", "adapter_model.bin"])
+    assert all(c[0] == "org/adapter" and c[2] == "sub" and c[3].get("revision") == "v1" for c in calls)
+
+
+def test_hub_errors_and_offline_mode(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    calls = []
+    with mock.patch("huggingface_hub.hf_hub_download", side_effect=_fake_hub(str(tmp_path), calls)):
+        with pytest.raises(ValueError, match=re.escape("Can't find 'adapter_config.json' at 'org/none'")):
+            peft_fast.PeftConfig.from_pretrained("org/none")
+        with pytest.raises(ValueError, match=re.escape("Can't find weights for org/none in org/none or in the "
+                                                       "Hugging Face Hub")):
+            peft_fast.load_peft_weights("org/none")
+        with mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True):
+            with pytest.raises(ValueError):
+                peft_fast.load_peft_weights("org/none")
+    assert calls[-1][3].get("local_files_only") is True

@@ -64,3 +64,29 @@ def push_to_hub(model, repo_id: str, *, commit_message: Optional[str] = None,
         return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload model",
                                  commit_description=commit_description, token=token, revision=revision,
                                  create_pr=create_pr)
+
+
+# ---- reading adapters from the Hub ------------------------------------------------------------------
+_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only")
+
+
+def download_adapter_file(model_id: str, filename: str, subfolder: Optional[str] = None, **kwargs) -> Optional[str]:
+    """Local path of `filename` from the Hub repo `model_id` (downloaded or from the cache), or None
+    when the repo has no such file. Offline (HF_HUB_OFFLINE=1) only the cache is read, as in PEFT;
+    other Hub errors (unknown repo, no network) propagate."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    hub_kwargs = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if kwargs.get(k) is not None}
+    if kwargs.get("token") is None and kwargs.get("use_auth_token") is not None:
+        hub_kwargs["token"] = kwargs["use_auth_token"]
+    if constants.HF_HUB_OFFLINE:
+        hub_kwargs["local_files_only"] = True
+    try:
+        return hf_hub_download(model_id, filename, subfolder=subfolder or None, **hub_kwargs)
+    except EntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError:
+        if hub_kwargs.get("local_files_only"):
+            return None
+        raise

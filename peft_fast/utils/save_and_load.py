@@ -172,17 +172,25 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: 
 
 def load_peft_weights(model_id: str, device: Optional[str] = None, **kwargs) -> dict:
     """Read ``adapter_model.safetensors`` (or, failing that, ``adapter_model.bin`` with
-    weights_only=True) from a local directory."""
-    path = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else model_id
-    if not os.path.isdir(path):
-        raise ValueError(f"Can't find adapter weights: {path!r} is not a local directory")
-    st = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
-    bin_ = os.path.join(path, WEIGHTS_NAME)
-    if os.path.isfile(st):
-        return load_weights_file(st, device or "cpu")
-    if os.path.isfile(bin_):
-        return load_weights_file(bin_, device or "cpu")
-    raise ValueError(f"Can't find weights for {model_id!r}: neither {SAFETENSORS_WEIGHTS_NAME} nor {WEIGHTS_NAME} is there")
+    weights_only=True) from a local directory or, when `model_id` is not one, from the Hugging Face
+    Hub repo of that name (``subfolder``, ``revision``, ``cache_dir``, ``token`` as in PEFT)."""
+    subfolder = kwargs.get("subfolder")
+    path = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(path):
+        files = [os.path.join(path, SAFETENSORS_WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME)]
+        filename = next((f for f in files if os.path.isfile(f)), None)
+    else:
+        from .hub import download_adapter_file
+
+        filename = download_adapter_file(model_id, SAFETENSORS_WEIGHTS_NAME, **kwargs)
+        if filename is None:
+            filename = download_adapter_file(model_id, WEIGHTS_NAME, **kwargs)
+    if filename is None:
+        raise ValueError(
+            f"Can't find weights for {model_id} in {model_id} or in the Hugging Face Hub. Please check that the file "
+            f"{WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}."
+        )
+    return load_weights_file(filename, device or "cpu")
 
 
 # ---- the base model's own weights, under its original keys ----------------------------------------
