@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import warnings
@@ -14,6 +15,31 @@ from .utils.peft_types import PeftType, TaskType
 
 # The PEFT release whose adapter format we read and write; recorded in adapter_config.json.
 PEFT_FORMAT_VERSION = "0.21.2"
+# PEFT's name for it in this module (``peft.config.__version__``): the `peft_version` of new configs.
+__version__ = PEFT_FORMAT_VERSION
+
+# we expect at least these keys to be present in a PEFT adapter_config.json
+MIN_EXPECTED_CONFIG_KEYS = {"peft_type"}
+
+
+def _is_dev_version(version: str) -> bool:
+    import packaging.version
+
+    return packaging.version.Version(version).dev is not None
+
+
+def _get_commit_hash(pkg_name: str) -> Optional[str]:
+    """The VCS commit an installed package was built from (pip install git+...@HASH), or None."""
+    try:
+        dist = importlib.metadata.distribution(pkg_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for path in dist.files or []:
+        if path.name == "direct_url.json":
+            vcs_info = json.loads(dist.locate_file(path).read_text()).get("vcs_info")
+            if vcs_info and "commit_id" in vcs_info:
+                return vcs_info["commit_id"]
+    return None
 
 
 @dataclass
@@ -31,10 +57,24 @@ class PeftConfig:
     def __post_init__(self):
         if self.task_type is not None and self.task_type not in list(TaskType):
             raise ValueError(
-                f"Invalid task type: {self.task_type!r}. Must be one of: {[t.value for t in TaskType]}."
+                f"Invalid task type: '{self.task_type}'. Must be one of the following task types: {', '.join(TaskType)}."
             )
         if self.peft_version is None:
-            self.peft_version = PEFT_FORMAT_VERSION
+            self.peft_version = self._get_peft_version()
+
+    @staticmethod
+    def _get_peft_version() -> str:
+        """PEFT's rule: the version, with ``@<commit>`` (or ``@UNKNOWN``) for a dev version."""
+        version = __version__
+        if not _is_dev_version(version):
+            return version
+        try:
+            git_hash = _get_commit_hash("peft") or "UNKNOWN"
+        except Exception:  # noqa: BLE001 - never break user code over the commit hash (PEFT)
+            warnings.warn("A dev version of PEFT is used but there was an error while trying to determine the commit "
+                          "hash. Please open an issue: https://github.com/huggingface/peft/issues")
+            git_hash = "UNKNOWN"
+        return f"{version}@{git_hash}"
 
     # ---- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -78,9 +118,15 @@ class PeftConfig:
         known = {f.name for f in dataclasses.fields(config_cls) if f.init}
         unknown = sorted(set(kwargs) - known)
         if unknown:
+            if not MIN_EXPECTED_CONFIG_KEYS.issubset(set(kwargs) - set(unknown)):  # not a PEFT config at all
+                raise TypeError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                                f"{MIN_EXPECTED_CONFIG_KEYS}.")
             warnings.warn(
-                f"Unexpected keyword arguments {unknown} for class {config_cls.__name__}, these are ignored. "
-                "The configuration was probably saved by a newer PEFT version."
+                f"Unexpected keyword arguments {unknown} for class {config_cls.__name__}, these are "
+                "ignored. This probably means that you're loading a configuration file that was saved using a "
+                "higher version of the library and additional parameters have been introduced since. It is "
+                "highly recommended to upgrade the PEFT version before continuing (e.g. by running `pip install "
+                "-U peft`)."
             )
         return config_cls(**{k: v for k, v in kwargs.items() if k in known})
 

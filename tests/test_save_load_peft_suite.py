@@ -352,3 +352,59 @@ def test_hub_errors_and_offline_mode(tmp_path):
             with pytest.raises(ValueError):
                 peft_fast.load_peft_weights("org/none")
     assert calls[-1][3].get("local_files_only") is True
+
+
+# ---- adapter_config.json details ----------------------------------------------------------------------
+def test_config_texts_same_as_peft(tmp_path):
+    import json
+    import warnings
+
+    for cls_name in ("LoraConfig", "IA3Config"):
+        messages = []
+        for lib in (peft, peft_fast):
+            with pytest.raises(ValueError) as err:
+                getattr(lib, cls_name)(task_type="nope")
+            messages.append(str(err.value))
+        assert messages[1] == messages[0]
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"foo": "bar"}))
+    messages = []
+    for lib in (peft, peft_fast):
+        with pytest.raises(TypeError) as err:
+            lib.LoraConfig.from_pretrained(str(tmp_path))
+        messages.append(str(err.value))
+    assert messages[1] == messages[0]
+    cfg = peft_fast.LoraConfig(target_modules=["lin0"])
+    cfg.save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "from_the_future": 1}))
+    caught = []
+    for lib in (peft, peft_fast):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            lib.PeftConfig.from_pretrained(str(tmp_path))
+        caught.append([str(w.message) for w in rec if "Unexpected keyword arguments" in str(w.message)])
+    assert caught[1] == caught[0] and len(caught[0]) == 1
+
+
+@pytest.mark.parametrize("commit", ["abcdef0", None, RuntimeError])
+def test_peft_version_of_a_dev_version(monkeypatch, tmp_path, commit):
+    from peft_fast import config as config_module
+
+    monkeypatch.setattr(config_module, "__version__", "0.15.0.dev7")
+
+    def fake_commit_hash(pkg_name):
+        if commit is RuntimeError:
+            raise RuntimeError("no metadata")
+        return commit
+
+    monkeypatch.setattr(config_module, "_get_commit_hash", fake_commit_hash)
+    if commit is RuntimeError:
+        with pytest.warns(UserWarning, match="A dev version of PEFT is used"):
+            cfg = peft_fast.LoraConfig(target_modules=["lin0"])
+    else:
+        cfg = peft_fast.LoraConfig(target_modules=["lin0"])
+    expected = "0.15.0.dev7@" + (commit if isinstance(commit, str) else "UNKNOWN")
+    assert cfg.peft_version == expected
+    cfg.save_pretrained(str(tmp_path))
+    monkeypatch.setattr(config_module, "__version__", "0.1.another-version")
+    assert peft_fast.PeftConfig.from_pretrained(str(tmp_path)).peft_version == expected
