@@ -183,3 +183,17 @@ def test_variant_errors_match_peft(base):
             lib.KasaConfig(beta=-1)
         with pytest.raises(ValueError, match="num_samples"):
             lib.MontecloraConfig(num_samples=0)
+
+
+@pytest.mark.parametrize("variant", ["kasa", "mica", "monteclora"])
+def test_mixed_adapter_batch_matches_peft(base, variant):
+    x = torch.randint(0, 30, (4, 5))
+    outs = []
+    for lib in (peft, peft_fast):
+        model = _build(lib, variant, base)
+        model.add_adapter("other", lib.LoraConfig(**_variants(lib)[variant]))
+        _perturb(model)
+        model.eval()
+        with torch.no_grad():
+            outs.append(model(x, adapter_names=["default", "other", "__base__", "other"]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)

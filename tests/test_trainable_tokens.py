@@ -149,3 +149,20 @@ def test_errors_match_peft():
             model.base_model.set_adapter(["default", "other"])
         errs.append(str(e.value).split("(")[0])
     assert errs[0] == errs[1]
+
+
+def test_mixed_adapter_batch_matches_peft():
+    torch.manual_seed(0)
+    base = EmbLin()
+    x = torch.randint(0, 40, (4, 5))
+    outs = []
+    for lib in (peft, peft_fast):
+        torch.manual_seed(1)
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(target_modules=["lin0"],
+                                                                       trainable_token_indices={"emb": [0, 1]}))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], trainable_token_indices={"emb": [2, 3]}))
+        _perturb(model)
+        model.eval()
+        with torch.no_grad():
+            outs.append(model(x, adapter_names=["default", "other", "__base__", "other"]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
