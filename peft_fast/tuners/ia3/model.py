@@ -75,8 +75,8 @@ class IA3Model(BaseTuner):
             new = Linear(target, adapter_name, fan_in_fan_out=True, is_target_conv_1d_layer=True, **kw)
         else:
             raise ValueError(
-                f"Target module {base} is not supported. Currently, only `torch.nn.Linear`, `torch.nn.Conv2d`, and "
-                "`transformers.pytorch_utils.Conv1D` are supported."
+                f"Target module {target} is not supported. "
+                "Currently, only `torch.nn.Linear`, `torch.nn.Conv2d`, and `Conv1D` are supported."
             )
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
