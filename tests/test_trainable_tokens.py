@@ -166,3 +166,24 @@ def test_mixed_adapter_batch_matches_peft():
         with torch.no_grad():
             outs.append(model(x, adapter_names=["default", "other", "__base__", "other"]))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_adapter_batch_with_autograd_matches_peft():
+    # an upstream trainable module (here modules_to_save) makes the LoRA input require grad: the
+    # inference-only multi-LoRA op must step aside for PEFT's loop (same outputs and gradients)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    res = []
+    for lib in (peft, peft_fast):
+        torch.manual_seed(1)
+        kw = dict(target_modules=["1"], modules_to_save=["0"], init_lora_weights=False)
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**kw))
+        model.add_adapter("b", lib.LoraConfig(**kw))
+        model.eval()
+        y = model(torch.ones(3, 4), adapter_names=["default", "b", "__base__"])
+        y.sum().backward()
+        res.append((y.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(res[1][0], res[0][0])
+    assert sorted(res[0][1]) == sorted(res[1][1])
+    for n in res[0][1]:
+        torch.testing.assert_close(res[1][1][n], res[0][1][n], msg=n)

@@ -443,7 +443,10 @@ class Linear(nn.Module, LoraLayer):
         loop over adapters; PEFT's loop where that op does not apply."""
         names = tuple(sorted(a for a in set(adapter_names) if a in self.lora_A))
         if (not names or args or kwargs or type(self.base_layer) is not nn.Linear
-                or any(self.lora_bias[a] or a in self.lora_magnitude_vector or a in self.lora_variant for a in names)):
+                or any(self.lora_bias[a] or a in self.lora_magnitude_vector or a in self.lora_variant for a in names)
+                # the multi-LoRA op is inference-only: with autograd on, PEFT's loop gives the gradients
+                or (torch.is_grad_enabled() and (x.requires_grad or any(
+                    self.lora_A[a].weight.requires_grad or self.lora_B[a].weight.requires_grad for a in names)))):
             return LoraLayer._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x)
         A_st, B_st, scales = self._lora_stack(names)
