@@ -260,3 +260,41 @@ def test_no_parameter_matched_warns_and_nothing_matched_raises():
                                                                  target_parameters=["nope"]))
     with pytest.raises(ValueError, match="No `target_modules` passed but also no `target_parameters` found"):
         peft_fast.get_peft_model(MoeModel(), peft_fast.LoraConfig(target_modules=[], target_parameters=["nope"]))
+
+
+def test_parametrization_cached_within_a_forward(monkeypatch):
+    # as in peft: one call when the parametrization is registered, one cached for the whole forward,
+    # however often the module reads the parameter
+    calls = []
+    orig = _LoraFactorsProxy.forward
+    monkeypatch.setattr(_LoraFactorsProxy, "forward", lambda self, W: calls.append(1) or orig(self, W))
+    fast = _make(peft_fast, MoeModel, dict(target_modules=[], target_parameters=["gate_up_proj", "down_proj"],
+                                            init_lora_weights=False))
+    with torch.inference_mode():
+        for _ in range(3):
+            fast(X)
+    assert len(calls) == 3 * 2 * 2
+
+
+def test_rank_alpha_patterns_modules_to_save_and_adapter_lifecycle_equal_peft():
+    results = []
+    for lib in LIBS:
+        torch.manual_seed(0)
+        model = MoeModel()
+        torch.manual_seed(1)
+        pm = lib.get_peft_model(model, lib.LoraConfig(
+            target_modules=[], target_parameters=ALL_THREE, rank_pattern={"gate_up_proj": 5},
+            alpha_pattern={"router": 3}, modules_to_save=["head"], init_lora_weights=False))
+        torch.manual_seed(2)
+        pm.add_adapter("b", lib.LoraConfig(target_modules=[], target_parameters=ALL_THREE, init_lora_weights=False))
+        outs = [pm(X)]
+        pm.set_adapter("b")
+        outs.append(pm(X))
+        pm.delete_adapter("default")
+        outs.append(pm(X))
+        results.append((outs, {n: tuple(p.shape) for n, p in pm.named_parameters()},
+                        [n for n, p in pm.named_parameters() if p.requires_grad]))
+    (o_ref, s_ref, g_ref), (o_fast, s_fast, g_fast) = results
+    for a, b in zip(o_ref, o_fast):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert s_fast == s_ref and g_fast == g_ref
