@@ -21,6 +21,10 @@ TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING = {
     "qwen2": _QV, "qwen3": _QV, "distilbert": ["q_lin", "v_lin"],
 }
 
+# PEFT's default-target tables of other methods that reuse LoRA's (peft.utils.constants); only the
+# tables: code that reads or patches them (PEFT's tests do) works, the methods are not implemented
+TRANSFORMERS_MODELS_TO_DELORA_TARGET_MODULES_MAPPING = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.copy()
+
 TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING = {
     "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
     "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "roberta": ["key", "value", "output.dense"],
