@@ -54,7 +54,21 @@ class AuxiliaryTrainingWrapper(nn.Module):
     """Base of the modules trained and saved beside an adapter (PEFT's name): `ModulesToSaveWrapper`
     (full copies) and `TrainableTokensWrapper` (a few embedding rows, utils/trainable_tokens.py).
     Tuners, saving and loading treat both through the same methods (set_adapter, delete_adapter,
-    adapter_state_dict, adapter_state_dict_load_map, unload_and_optionally_merge_module, ...)."""
+    adapter_state_dict, adapter_state_dict_load_map, unload_and_optionally_merge_module, ...).
+    Subclasses set `_active_adapter` (a name or a list) and `_disable_adapters`."""
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self):
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self._active_adapter
+        return [a] if isinstance(a, str) else a
 
 
 class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
@@ -78,19 +92,6 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         self._disable_adapters = False
         self._adapters: set[str] = set()
         self.update(adapter_name)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self):
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        a = self._active_adapter
-        return [a] if isinstance(a, str) else a
 
     def __getattr__(self, name: str) -> Any:
         try:

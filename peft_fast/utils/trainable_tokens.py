@@ -9,7 +9,6 @@ layers; with tied word embeddings the tied layers (lm_head) get a wrapper tied t
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Optional, Union
 
 import torch
@@ -34,19 +33,6 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
         self._check_module(module_to_save)
         self.token_adapter = TrainableTokensLayer(module_to_save, adapter_name, token_indices, tied_adapter)
         self.update(adapter_name, token_indices=token_indices, tied_adapter=tied_adapter)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self):
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        a = self._active_adapter
-        return [a] if isinstance(a, str) else a
 
     @property
     def original_module(self) -> nn.Module:

@@ -65,8 +65,6 @@ def linear_variants() -> dict:
     from .kasa import KasaLinearVariant
     from .mica import MiCALinearVariant
     from .monteclora import MontecloraLinearVariant
-    from .bdlora import BdLoraLinearVariant
-    from .velora import VeloraLinearVariant
 
     return {(): None, ("use_dora",): None, ("kasa_config",): KasaLinearVariant,
             ("monteclora_config",): MontecloraLinearVariant, ("mica",): MiCALinearVariant,
