@@ -385,6 +385,8 @@ class Linear(nn.Module, LoraLayer):
         base = self.base_layer
         return (
             not args and not kwargs
+            # casting disabled (helpers.disable_input_dtype_casting): PEFT's formula on the raw input
+            and getattr(self, "cast_input_dtype_enabled", True)
             and (type(base) is nn.Linear or is_conv1d(base))
             and not base._forward_hooks and not base._forward_pre_hooks
             and base.weight.dtype.is_floating_point
