@@ -8,6 +8,7 @@
   adapter weights' dtype (peft_fast's LoRA layers read ``cast_input_dtype_enabled`` in
   `BaseTunerLayer._cast_input_dtype`, used by every composite forward; while casting is disabled
   Linear skips its fused op and runs PEFT's formula on the uncast input).
+- `DoraCaching`: cache DoRA weight norms in eval mode (`peft_fast.tuners.lora.dora`).
 - `MontecloraTrainerMixin`: adds MonteCLoRA's variational loss to a Trainer's `compute_loss`.
 - `KappaTuneSelector` / `find_kappa_target_modules`: pick LoRA targets by weight condition number.
 
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .config import PeftConfig
 from .peft_model import PeftModel
+from .tuners.lora import dora
 from .tuners.lora.layer import LoraLayer
 from .tuners.lora.model import LoraModel
 from .tuners.tuners_utils import BaseTunerLayer
@@ -227,6 +229,30 @@ class MontecloraTrainerMixin:
 
         total_loss = task_loss + monteclora_loss
         return (total_loss, outputs) if return_outputs else total_loss
+
+
+class DoraCaching:
+    """Context manager to enable DoRA caching, which improves speed of DoRA inference at the expense of memory.
+
+    With active caching, each DoRA adapter's weight norm (base weight + LoRA weight) is cached. Even within the
+    caching context, if the model is in training mode, caching is disabled. When the model switches to training mode,
+    the cache is cleared. ``DoraCaching()(enabled=True)`` enables caching permanently, ``(enabled=False)`` disables it.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.prev_value = None
+
+    def __enter__(self):
+        self.prev_value = dora.ENABLE_DORA_CACHING
+        dora.ENABLE_DORA_CACHING = self.enabled
+
+    def __exit__(self, type, value, traceback):
+        dora.ENABLE_DORA_CACHING = self.prev_value
+        self.prev_value = None
+
+    def __call__(self, enabled: bool = True):
+        dora.ENABLE_DORA_CACHING = enabled
 
 
 def _condition_number(w: torch.Tensor) -> float:

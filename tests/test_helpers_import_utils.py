@@ -132,3 +132,70 @@ def test_find_kappa_target_modules_matches_peft():
     sel_p = p_helpers.KappaTuneSelector(model, show_progress=False)
     for kw in ({"num_modules": 2}, {"threshold": 1e9}, {}):
         assert sel_f.get_best_targets(**kw) == sel_p.get_best_targets(**kw)
+
+
+def test_monteclora_trainer_mixin_matches_peft():
+    class _Base:  # stands in for transformers.Trainer.compute_loss
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            out = model(inputs["x"])
+            loss = out.pow(2).mean()
+            return (loss, out) if return_outputs else loss
+
+    class PeftTrainer(p_helpers.MontecloraTrainerMixin, _Base):
+        pass
+
+    class FastTrainer(f_helpers.MontecloraTrainerMixin, _Base):
+        pass
+
+    torch.manual_seed(0)
+    base = MLP()
+    losses = []
+    for lib, trainer in ((peft, PeftTrainer()), (peft_fast, FastTrainer())):
+        torch.manual_seed(1)
+        cfg = lib.LoraConfig(target_modules=["lin0"], monteclora_config=lib.MontecloraConfig(num_samples=2))
+        model = lib.get_peft_model(copy.deepcopy(base), cfg).train()
+        torch.manual_seed(2)
+        inputs = {"x": torch.randn(4, 10)}
+        torch.manual_seed(3)
+        task = _Base().compute_loss(model, inputs)
+        torch.manual_seed(3)
+        total, out = trainer.compute_loss(model, inputs, return_outputs=True)
+        assert total.item() != task.item()
+        total.backward()
+        losses.append(total.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+def test_dora_caching(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, target, x = MLP(), ["lin0", "lin1"], torch.randn(3, 10)
+    elif kind == "conv":
+        base, target, x = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 5, 3)), ["0", "1"], \
+            torch.randn(1, 3, 4, 4)
+    else:
+        base, target, x = nn.Sequential(nn.Embedding(12, 6), nn.Linear(6, 3)), ["0"], torch.arange(10).view(2, 5)
+    outs = []
+    for lib, helpers in ((peft, p_helpers), (peft_fast, f_helpers)):
+        torch.manual_seed(1)
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(target_modules=target, use_dora=True,
+                                                                          init_lora_weights=False))
+        caches = [m._dora_cache for m in model.modules() if hasattr(m, "_dora_cache")]
+        ref = model(x)
+        assert caches and not any(caches)
+        model.eval()
+        with helpers.DoraCaching():
+            cached = model(x)
+            assert all(caches)
+            torch.testing.assert_close(model(x), cached)
+        torch.testing.assert_close(cached, ref)
+        model(x)
+        assert not any(caches)
+        with helpers.DoraCaching():
+            model(x)
+        model.train()
+        assert not any(caches)
+        outs.append(cached)
+    assert not p_helpers.dora.ENABLE_DORA_CACHING and not f_helpers.dora.ENABLE_DORA_CACHING
+    torch.testing.assert_close(outs[1], outs[0])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .dora import cached_dora_value
+
 
 def dora_embedding_init_norm(layer, adapter: str) -> torch.Tensor:
     """||W^T + s B A|| per embedding dim, [dim], as PEFT's DoraLinearLayer.update_layer computes it
@@ -39,9 +41,12 @@ def dora_embedding_forward(layer, adapter: str, x: torch.Tensor, result: torch.T
     scaling = layer.scaling[adapter]
     lora_weight = (A_t @ B_t).T  # [dim, V]
     weight = layer.get_base_layer().weight
-    full = weight.T + scaling * lora_weight.detach()
-    # DoRA section 4.3: the norm is treated as a constant (no gradient)
-    weight_norm = torch.linalg.norm(full, dim=1).to(full.dtype).detach()
+
+    def norm() -> torch.Tensor:  # DoRA section 4.3: the norm is treated as a constant (no gradient)
+        full = weight.T + scaling * lora_weight.detach()
+        return torch.linalg.norm(full, dim=1).to(full.dtype).detach()
+
+    weight_norm = cached_dora_value(layer, adapter, "weight-norm", norm)
     mag_norm_scale = layer.lora_magnitude_vector[adapter].weight / weight_norm
     dora_result = mag_norm_scale * (layer._embed(x, A_t) @ B_t) * scaling
     if embed_scale is not None:

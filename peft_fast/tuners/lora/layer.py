@@ -20,6 +20,7 @@ from ...functional import dora_linear, lora_linear
 from ...functional._common import fold_tensor_scaling
 from ...utils.other import is_conv1d, transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from .dora import cached_dora_value
 from .dora_embedding import dora_embedding_forward, dora_embedding_init_norm, dora_embedding_norm
 from .variants import conv_variants, embedding_variants, linear_variants, resolve_lora_variant
 
@@ -30,6 +31,12 @@ class DoraMagnitude(nn.Module):
     def __init__(self, magnitude: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(magnitude, requires_grad=True)
+        self._dora_cache: dict[str, Any] = {}  # DoraCaching (see .dora); not part of the state_dict
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._dora_cache.clear()
+        return super().train(mode)
 
     def __repr__(self) -> str:
         return "lora.dora." + super().__repr__()
@@ -474,7 +481,9 @@ class Linear(nn.Module, LoraLayer):
             a = active[0]
             return dora_linear(
                 x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                self.lora_magnitude_vector[a].weight, self.get_weight_norm(a), self.scaling[a], self.fan_in_fan_out,
+                self.lora_magnitude_vector[a].weight,
+                cached_dora_value(self, a, "weight-norm", lambda: self.get_weight_norm(a)), self.scaling[a],
+                self.fan_in_fan_out,
             )
         return None
 
@@ -498,7 +507,8 @@ class Linear(nn.Module, LoraLayer):
             else:
                 xa = drop(xa)
                 base_result = F.linear(xa, w)
-            c = (self.lora_magnitude_vector[a].weight / self.get_weight_norm(a).to(xa.dtype)).view(1, -1)
+            norm = cached_dora_value(self, a, "weight-norm", lambda: self.get_weight_norm(a))
+            c = (self.lora_magnitude_vector[a].weight / norm.to(xa.dtype)).view(1, -1)
             result = result + (c - 1) * base_result + c * B(A(xa)) * s
         return result.to(out_dtype)
 
@@ -735,7 +745,8 @@ class _ConvNd(nn.Module, LoraLayer):
             else:
                 xa = drop(xa)
                 base_result = self.conv_fn(xa, base.weight, None, base.stride, base.padding, base.dilation, base.groups)
-            c = self.lora_magnitude_vector[a].weight / self._dora_weight_norm(a)
+            c = self.lora_magnitude_vector[a].weight / cached_dora_value(
+                self, a, "weight-norm", lambda: self._dora_weight_norm(a))
             result = result + (c - 1) * base_result + c * B(A(xa)) * s
         return result.to(out_dtype)
 
