@@ -17,7 +17,7 @@ from ._buffer_dict import BufferDict
 from ..config import PeftConfig
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
-from ..utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules, get_conv1d_cls, set_trainable
+from ..utils.other import AdapterStateMixin, AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules, get_conv1d_cls, set_trainable
 from ..utils.trainable_tokens import set_trainable_token_indices
 
 
@@ -108,7 +108,7 @@ def check_adapters_to_merge(module: "BaseTunerLayer", adapter_names: Optional[li
     return adapter_names
 
 
-class BaseTunerLayer:
+class BaseTunerLayer(AdapterStateMixin):
     """Mixin of every adapter layer: adapter bookkeeping shared by LoRA and IA3."""
 
     adapter_layer_names: tuple[str, ...] = ()
@@ -133,19 +133,6 @@ class BaseTunerLayer:
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        a = self._active_adapter
-        return [a] if isinstance(a, str) else list(a)
 
     def _adapter_dicts(self):
         for name in self.adapter_layer_names + self.other_param_names:

@@ -16,6 +16,14 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+def upcast_on_cpu(dtype: torch.dtype, *factors: torch.Tensor):
+    """(factors, dtype to cast their product back to, or None): 16-bit (`dtype`) factors on CPU are
+    multiplied in fp32 (CPU half/bfloat16 matmuls are slow and less accurate); elsewhere untouched."""
+    if factors[0].device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return [f.float() for f in factors], dtype
+    return list(factors), None
+
+
 def get_conv1d_cls():
     """transformers' GPT-2 ``Conv1D`` class, or None when transformers is not installed."""
     try:
@@ -50,12 +58,10 @@ def set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
         p.requires_grad_(requires_grad)
 
 
-class AuxiliaryTrainingWrapper(nn.Module):
-    """Base of the modules trained and saved beside an adapter (PEFT's name): `ModulesToSaveWrapper`
-    (full copies) and `TrainableTokensWrapper` (a few embedding rows, utils/trainable_tokens.py).
-    Tuners, saving and loading treat both through the same methods (set_adapter, delete_adapter,
-    adapter_state_dict, adapter_state_dict_load_map, unload_and_optionally_merge_module, ...).
-    Subclasses set `_active_adapter` (a name or a list) and `_disable_adapters`."""
+class AdapterStateMixin:
+    """Which adapters are active and whether adapters are disabled, read the same way by every
+    adapter-holding module (tuner layers, ModulesToSaveWrapper, TrainableTokensWrapper, ...).
+    Classes using it set `_active_adapter` (a name or a list of names) and `_disable_adapters`."""
 
     @property
     def disable_adapters(self) -> bool:
@@ -68,7 +74,15 @@ class AuxiliaryTrainingWrapper(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         a = self._active_adapter
-        return [a] if isinstance(a, str) else a
+        return [a] if isinstance(a, str) else list(a)
+
+
+class AuxiliaryTrainingWrapper(AdapterStateMixin, nn.Module):
+    """Base of the modules trained and saved beside an adapter (PEFT's name): `ModulesToSaveWrapper`
+    (full copies) and `TrainableTokensWrapper` (a few embedding rows, utils/trainable_tokens.py).
+    Tuners, saving and loading treat both through the same methods (set_adapter, delete_adapter,
+    adapter_state_dict, adapter_state_dict_load_map, unload_and_optionally_merge_module, ...).
+    Subclasses set `_active_adapter` (a name or a list) and `_disable_adapters`."""
 
 
 class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):

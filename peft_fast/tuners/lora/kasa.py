@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...utils.other import transpose
+from ...utils.other import transpose, upcast_on_cpu
 from .variants import LoraVariant
 
 
@@ -56,12 +56,9 @@ class KasaLinearVariant(LoraVariant):
     @staticmethod
     def get_delta_weight(module, adapter: str) -> torch.Tensor:
         B, A, diag = module.lora_B[adapter].weight, module.lora_A[adapter].weight, module.lora_diag[adapter]
-        dtype = B.dtype
-        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            A, B, diag = A.float(), B.float(), diag.float()
+        (B, A, diag), back = upcast_on_cpu(B.dtype, B, A, diag)
         out = transpose((B * diag) @ A, module.fan_in_fan_out) * module.scaling[adapter]
-        return out.to(dtype) if cast else out
+        return out.to(back) if back else out
 
     @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:

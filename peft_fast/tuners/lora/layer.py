@@ -18,7 +18,7 @@ from torch import nn
 from ... import ops
 from ...functional import dora_linear, lora_linear
 from ...functional._common import fold_tensor_scaling
-from ...utils.other import is_conv1d, transpose
+from ...utils.other import is_conv1d, transpose, upcast_on_cpu
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .dora import cached_dora_value
 from .dora_embedding import dora_embedding_forward, dora_embedding_init_norm, dora_embedding_norm
@@ -377,12 +377,9 @@ class Linear(nn.Module, LoraLayer):
         if delta is not None:
             return delta
         B, A = self.lora_B[adapter].weight, self.lora_A[adapter].weight
-        dtype = B.dtype
-        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            A, B = A.float(), B.float()
+        (B, A), back = upcast_on_cpu(B.dtype, B, A)
         out = transpose(B @ A, self.fan_in_fan_out) * self.scaling[adapter]
-        return out.to(dtype) if cast else out
+        return out.to(back) if back else out
 
     def _factor_view(self, factor: torch.Tensor) -> torch.Tensor:
         return transpose(factor.view(-1, 1), self.fan_in_fan_out)
@@ -558,12 +555,9 @@ class Embedding(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         A, B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
-        dtype = A.dtype
-        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            A, B = A.float(), B.float()
+        (A, B), back = upcast_on_cpu(A.dtype, A, B)
         out = (B @ A).T * self.scaling[adapter]
-        return out.to(dtype) if cast else out
+        return out.to(back) if back else out
 
     # -- DoRA (dora_embedding.py): magnitude per embedding dim, W <- (m / ||W^T + dW^T||) (W + dW) on merge
     def _init_dora(self, adapter_name: str) -> None:
@@ -708,10 +702,7 @@ class _ConvNd(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         B, A = self.lora_B[adapter].weight, self.lora_A[adapter].weight
-        dtype = A.dtype
-        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            A, B = A.float(), B.float()
+        (B, A), back = upcast_on_cpu(A.dtype, B, A)
         base = self.get_base_layer()
         r = A.shape[0]
         if base.weight.shape[2:] == (1,) * (self._kernel_dim - 2):
@@ -719,7 +710,7 @@ class _ConvNd(nn.Module, LoraLayer):
         else:
             out = self.conv_fn(A.transpose(0, 1), B)
             out = out * self.scaling[adapter] if base.groups > 1 else out.transpose(0, 1) * self.scaling[adapter]
-        return out.to(dtype) if cast else out
+        return out.to(back) if back else out
 
     def _factor_view(self, factor: torch.Tensor) -> torch.Tensor:
         return factor.reshape((-1,) + (1,) * (self._kernel_dim - 1))

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ...utils.other import upcast_on_cpu
 from ..tuners_utils import check_adapters_to_merge
 from .layer import Linear, LoraLayer
 
@@ -119,12 +120,9 @@ class MultiheadAttention(nn.Module, LoraLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """s * B @ A for in_proj, [3 * embed_dim, embed_dim] (fp32 products for 16-bit CPU weights)."""
         A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        dtype = B.dtype
-        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if cast:
-            A, B = A.float(), B.float()
+        (B, A), back = upcast_on_cpu(B.dtype, B, A)
         out = (B @ A) * self.scaling[adapter]
-        return out.to(dtype) if cast else out
+        return out.to(back) if back else out
 
     # ---- merged weights ------------------------------------------------------------------------
     def _merged_weights(self, adapters: list[str], w_in: torch.Tensor, w_out: torch.Tensor,

@@ -29,15 +29,22 @@ def mica_init_linear(layer, adapter_name: str) -> None:
     _check_dtype(weight)
     weight = transpose(weight.to(torch.float32), getattr(layer, "fan_in_fan_out", False))
     r = layer.r[adapter_name]
+    B = _minor_left_singular_vectors(weight, r, "in_features, out_features", "a layer", tuple(weight.shape))
+    layer.lora_B[adapter_name].weight.data = B.to(dtype)
+    layer.lora_A[adapter_name].weight.data = torch.zeros(r, weight.shape[1], device=weight.device).to(dtype)
+
+
+def _minor_left_singular_vectors(weight: torch.Tensor, r: int, dims: str, what: str, shape: tuple) -> torch.Tensor:
+    """[rows, r]: the left singular vectors of the r smallest singular values of fp32 `weight`;
+    ValueError (PEFT's text, naming `dims`, `what` and `shape`) when r > min(weight.shape)."""
     max_r = min(weight.shape)
     if r > max_r:
         raise ValueError(
-            f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with "
-            f"weight shape {tuple(weight.shape)} (max usable r is {max_r})."
+            f"MiCA requires `r` <= min({dims}) but got r={r} for {what} with "
+            f"weight shape {shape} (max usable r is {max_r})."
         )
     U, _, _ = torch.linalg.svd(weight.data, full_matrices=False)
-    layer.lora_B[adapter_name].weight.data = U[:, -r:].contiguous().to(dtype)
-    layer.lora_A[adapter_name].weight.data = torch.zeros(r, weight.shape[1], device=weight.device).to(dtype)
+    return U[:, -r:].contiguous()
 
 
 def mica_init_embedding(layer, adapter_name: str) -> None:
@@ -49,14 +56,9 @@ def mica_init_embedding(layer, adapter_name: str) -> None:
     _check_dtype(weight)
     weight = weight.to(torch.float32).T
     r = layer.r[adapter_name]
-    max_r = min(weight.shape)
-    if r > max_r:
-        raise ValueError(
-            f"MiCA requires `r` <= min(num_embeddings, embedding_dim) but got r={r} for an embedding layer with "
-            f"weight shape {tuple(layer.get_base_layer().weight.shape)} (max usable r is {max_r})."
-        )
-    U, _, _ = torch.linalg.svd(weight.data, full_matrices=False)
-    layer.lora_embedding_B[adapter_name].data = U[:, -r:].contiguous().to(dtype)
+    B = _minor_left_singular_vectors(weight, r, "num_embeddings, embedding_dim", "an embedding layer",
+                                     tuple(layer.get_base_layer().weight.shape))
+    layer.lora_embedding_B[adapter_name].data = B.to(dtype)
     layer.lora_embedding_A[adapter_name].data = torch.zeros(r, weight.shape[1], device=weight.device).to(dtype)
 
 

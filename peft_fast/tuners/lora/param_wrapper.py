@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ...utils.other import upcast_on_cpu
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .layer import LoraLayer
 
@@ -188,13 +189,10 @@ class ParamWrapper(nn.Module, LoraLayer):
         A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
         if self.num_experts == 1:
-            dtype = B.dtype
-            cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-            if cast:
-                A, B = A.float(), B.float()
+            (B, A), back = upcast_on_cpu(B.dtype, B, A)
             delta = B @ A * self.scaling[adapter_name]
-            if cast:
-                delta = delta.to(dtype)
+            if back:
+                delta = delta.to(back)
         else:
             A = A.reshape(self.num_experts, -1, A.shape[-1])  # [E, r, in]
             B = B.reshape(B.shape[0], -1, self.num_experts)  # [out, r, E]

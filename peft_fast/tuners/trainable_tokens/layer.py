@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...utils.other import AdapterStateMixin
 from .._buffer_dict import BufferDict
 
 
-class TrainableTokensLayer(nn.Module):
+class TrainableTokensLayer(AdapterStateMixin, nn.Module):
     adapter_layer_names = ("trainable_tokens_delta",)
     other_param_names = ("token_indices", "trainable_tokens_original")
 
@@ -63,19 +64,6 @@ class TrainableTokensLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self):
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        a = self._active_adapter
-        return [a] if isinstance(a, str) else list(a)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
