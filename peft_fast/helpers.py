@@ -342,19 +342,18 @@ class KappaTuneSelector:
         self, top_p: Optional[float] = None, num_modules: Optional[int] = None, threshold: Optional[float] = None
     ) -> list[str]:
         """Linear module names with the lowest condition numbers (see `_select` for the cut)."""
-        self._compute_kappas()
-        if not self._condition_numbers:
-            return []
-        return _select(self._condition_numbers, top_p, num_modules, threshold)
+        return self._best("_condition_numbers", top_p, num_modules, threshold)
 
     def get_best_target_parameters(
         self, top_p: Optional[float] = None, num_modules: Optional[int] = None, threshold: Optional[float] = None
     ) -> list[str]:
         """Fused MoE parameter names with the lowest condition numbers."""
+        return self._best("_parameter_condition_numbers", top_p, num_modules, threshold)
+
+    def _best(self, attr: str, top_p, num_modules, threshold) -> list[str]:
         self._compute_kappas()
-        if not self._parameter_condition_numbers:
-            return []
-        return _select(self._parameter_condition_numbers, top_p, num_modules, threshold)
+        numbers = getattr(self, attr)
+        return _select(numbers, top_p, num_modules, threshold) if numbers else []
 
 
 def find_kappa_target_modules(
