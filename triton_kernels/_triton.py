@@ -92,3 +92,50 @@ if HAS_TRITON:
         c1 = (rows + cols * 0).to(tl.uint32)
         w, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
         return (w >> 1).to(tl.int32) >= threshold
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-target launch configs. A kernel's `get_<op>_configs(cc=None, args=None)` returns
+#   - under the interpreter: one small fixed config;
+#   - cc=None: every config any target may use (the list given to triton.autotune);
+#   - cc=80, 86, 89, 90, 120, ...: the configs that fit that target (shared memory per block,
+#     no register spills), optionally narrowed by the launch's named arguments `args`.
+# `target_pruner(get_configs)` is the autotuner's early_config_prune: it keeps the configs of
+# the running GPU, so the compile-only check (benchmarks/aot_compile.py) and the autotuner on a
+# real GPU consider the same list.
+# ----------------------------------------------------------------------------------------------
+# shared memory per block (bytes) of each compute capability
+SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                  100: 227 * 1024, 120: 99 * 1024}
+
+_CAPABILITY: dict = {}
+
+
+def device_capability(device=None):
+    """major * 10 + minor of the current (or given) CUDA device, e.g. 90; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    idx = torch.cuda.current_device() if device is None else torch.device(device).index or 0
+    cc = _CAPABILITY.get(idx)
+    if cc is None:
+        major, minor = torch.cuda.get_device_capability(idx)
+        cc = _CAPABILITY[idx] = major * 10 + minor
+    return cc
+
+
+def config_key(cfg) -> tuple:
+    """Hashable identity of a triton.Config (its meta-parameters, warps and stages)."""
+    return (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+
+
+def target_pruner(get_configs):
+    """early_config_prune for triton.autotune: keep the configs `get_configs(cc, args)` lists
+    for the running device (all of them when its capability is unknown)."""
+    def prune(configs, named_args, **kwargs):
+        cc = device_capability()
+        if cc is None:
+            return configs
+        allowed = {config_key(c) for c in get_configs(cc, dict(named_args, **kwargs))}
+        kept = [c for c in configs if config_key(c) in allowed]
+        return kept or configs
+    return prune
