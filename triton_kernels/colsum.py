@@ -43,11 +43,16 @@ if HAS_TRITON:
         split = tl.program_id(1)
         rows_per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
         acc = tl.zeros((BN,), dtype=tl.float32)
+        # 64-bit offsets: M x stride passes 2^31 elements at an lm_head's N = 128256 from M = 16744
+        rn64 = rn.to(tl.int64)
+        a_cols = a_ptr + rn64[None, :] * san
+        b_cols = b_ptr + rn64[None, :] * sbn
         for m0 in range(split * rows_per, tl.minimum(M, (split + 1) * rows_per), BM):
             rm = m0 + tl.arange(0, BM)
+            rm64 = rm.to(tl.int64)
             ok = (rm[:, None] < M) & (rn[None, :] < N)
-            at = tl.load(a_ptr + rm[:, None] * sam + rn[None, :] * san, mask=ok, other=0.0).to(tl.float32)
-            bt = tl.load(b_ptr + rm[:, None] * sbm + rn[None, :] * sbn, mask=ok, other=0.0).to(tl.float32)
+            at = tl.load(a_cols + rm64[:, None] * sam, mask=ok, other=0.0).to(tl.float32)
+            bt = tl.load(b_cols + rm64[:, None] * sbm, mask=ok, other=0.0).to(tl.float32)
             acc += tl.sum(at * bt, axis=0)
         if SPLIT == 1:
             tl.store(out_ptr + rn, acc, mask=rn < N)

@@ -140,26 +140,39 @@ if HAS_TRITON:
         swn, swk, sar, sak, sbn, sbr, scn, scr,
         scaling,
         # meta
-        HAS_SQ: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        HAS_SQ: tl.constexpr, DOT16: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         n_ok, r_ok = rn < N, rr < R
+        # 64-bit offsets into W: N x swn (K x swk when fan_in_fan_out) can pass 2^31 elements
+        rn64 = rn.to(tl.int64)
+        w_rows = w_ptr + rn64[:, None] * swn
         acc_wa = tl.zeros((BN, BR), dtype=tl.float32)
         acc_sq = tl.zeros((BN,), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            wt = tl.load(w_ptr + rn[:, None] * swn + rk[None, :] * swk, mask=n_ok[:, None] & (rk[None, :] < K),
-                         other=0.0).to(tl.float32)
+            wt = tl.load(w_rows + rk.to(tl.int64)[None, :] * swk, mask=n_ok[:, None] & (rk[None, :] < K), other=0.0)
             at = tl.load(a_ptr + rk[:, None] * sak + rr[None, :] * sar, mask=(rk[:, None] < K) & r_ok[None, :],
-                         other=0.0).to(tl.float32)
-            acc_wa = tl.dot(wt, at, acc=acc_wa, input_precision="ieee")
+                         other=0.0)
+            if DOT16:
+                # W and A in the same 16-bit dtype: their products are exact in fp32 and the tensor
+                # core accumulates in fp32, so the 16-bit mma is as accurate as an fp32 dot
+                acc_wa = tl.dot(wt, at, acc=acc_wa)
+            else:
+                # fp32 (or mixed-dtype) W, A: an exact fp32 dot by design, never TF32 whatever
+                # torch's TF32 switch says: the norm divides the magnitude m / ||W + sBA||, so its
+                # error goes straight into every output, and the dot is a small part of one pass
+                # over W (which is what this kernel spends its time on)
+                acc_wa = tl.dot(wt.to(tl.float32), at.to(tl.float32), acc=acc_wa, input_precision="ieee")
             if not HAS_SQ:
-                acc_sq += tl.sum(wt * wt, axis=1)
+                wf = wt.to(tl.float32)
+                acc_sq += tl.sum(wf * wf, axis=1)
         if HAS_SQ:
             acc_sq = tl.load(sq_ptr + rn, mask=n_ok, other=0.0)
-        bt = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :] * sbr, mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        ct = tl.load(baa_ptr + rn[:, None] * scn + rr[None, :] * scr, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + rn64[:, None] * sbn + rr[None, :] * sbr, mask=n_ok[:, None] & r_ok[None, :],
+                     other=0.0).to(tl.float32)
+        ct = tl.load(baa_ptr + rn64[:, None] * scn + rr[None, :] * scr, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         sq = acc_sq + 2.0 * scaling * tl.sum(acc_wa * bt, axis=1) + scaling * scaling * tl.sum(ct * bt, axis=1)
         tl.store(out_ptr + rn, tl.sqrt(tl.maximum(sq, 0.0)), mask=n_ok)
 
@@ -191,6 +204,9 @@ def dora_weight_norm(
     _dora_norm_kernel[grid](
         w, A, B, baa, weight_sqnorm if weight_sqnorm is not None else out, out, N, K, R,
         w.stride(0), w.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), baa.stride(0), baa.stride(1),
-        float(scaling), HAS_SQ=weight_sqnorm is not None, BR=next_pow2(R),
+        float(scaling), HAS_SQ=weight_sqnorm is not None,
+        # 16-bit mma when W and A share a 16-bit dtype (the interpreter's 16-bit dots are fp32 anyway)
+        DOT16=not interpreting() and w.dtype == A.dtype and A.dtype in (torch.float16, torch.bfloat16),
+        BR=next_pow2(R),
     )
     return out

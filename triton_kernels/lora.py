@@ -196,21 +196,23 @@ if HAS_TRITON:
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.program_id(1) * BR + tl.arange(0, BR)
         seed = tl.load(seed_ptr)
+        # 64-bit offsets into x: M x sxm (and K x sxk of a transposed view) can pass 2^31 elements
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxm
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            xt = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
+            xt = tl.load(x_rows + rk.to(tl.int64)[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
                          other=0.0)
             if thr > 0:
                 xt = tl.where(keep_mask(seed, rm[:, None], rk[None, :], thr), xt, 0.0)
             at = tl.load(a_ptr + rk[:, None] * sak + rr[None, :] * sar, mask=(rk[:, None] < K) & (rr[None, :] < R),
                          other=0.0)
+            # the dot runs in the adapter's precision (as lora_shrink_ref): x rounded to A's dtype
+            xt = xt.to(at.dtype)
             if F32_DOT:
                 xt, at = xt.to(tl.float32), at.to(tl.float32)
-            else:
-                xt = xt.to(at.dtype)
             acc = tl.dot(xt, at, acc=acc, input_precision=DOT_PREC)
-        tl.store(out_ptr + rm[:, None] * som + rr[None, :] * sor, (acc * scale).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * som + rr[None, :] * sor, (acc * scale).to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rr[None, :] < R))
 
     @triton.autotune(configs=get_lora_configs(), key=["M_BUCKET", "K", "BR", "SPLIT"], reset_to_zero=["out_ptr"])
@@ -234,18 +236,20 @@ if HAS_TRITON:
         seed = tl.load(seed_ptr)
         rows_per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
         acc = tl.zeros((BR, BK), dtype=tl.float32)
+        # 64-bit offsets into x and g: M x sxm (K x sxk, M x sgm) can pass 2^31 elements
+        x_cols = x_ptr + rk.to(tl.int64)[None, :] * sxk
         for m0 in range(split * rows_per, tl.minimum(M, (split + 1) * rows_per), BM):
             rm = m0 + tl.arange(0, BM)
-            xt = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
-                         other=0.0)
+            rm64 = rm.to(tl.int64)
+            xt = tl.load(x_cols + rm64[:, None] * sxm, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
             if thr > 0:
                 xt = tl.where(keep_mask(seed, rm[:, None], rk[None, :], thr), xt, 0.0)
-            gt = tl.load(g_ptr + rr[:, None] * sgr + rm[None, :] * sgm, mask=(rr[:, None] < R) & (rm[None, :] < M),
+            gt = tl.load(g_ptr + rr[:, None] * sgr + rm64[None, :] * sgm, mask=(rr[:, None] < R) & (rm[None, :] < M),
                          other=0.0)
+            # the dot runs in g's (the adapter's) precision, as lora_grad_a_ref: x rounded to it
+            xt = xt.to(gt.dtype)
             if F32_DOT:
                 xt, gt = xt.to(tl.float32), gt.to(tl.float32)
-            else:
-                xt = xt.to(gt.dtype)
             acc = tl.dot(gt, xt, acc=acc, input_precision=DOT_PREC)
         ptrs = out_ptr + rr[:, None] * sor + rk[None, :] * sok
         ok = (rr[:, None] < R) & (rk[None, :] < K)
@@ -255,8 +259,14 @@ if HAS_TRITON:
             tl.atomic_add(ptrs, acc * scale, mask=ok)
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+def _dot_args(dtype: torch.dtype) -> dict:
+    """Constexprs of a low-rank dot whose operands are rounded to the adapter's `dtype`:
+    16-bit: a 16-bit tensor-core dot with fp32 accumulation (F32_DOT=False; DOT_PREC unused);
+    fp32: "tf32" when torch allows TF32 matmuls, else "ieee" (an exact fp32 FMA dot, as cuBLAS
+    without TF32). The interpreter always dots in fp32 (its 16-bit dots are wrong, DESIGN.md)."""
+    if dtype == torch.float32:
+        return {"F32_DOT": True, "DOT_PREC": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"}
+    return {"F32_DOT": interpreting(), "DOT_PREC": "ieee"}
 
 
 def _need_triton(name: str) -> None:
@@ -280,7 +290,7 @@ def lora_shrink(x: Tensor, lora_A: Tensor, seed: Tensor, p: float) -> Tensor:
         x, lora_A, out, seed, M, K, R, min(next_pow2(M), 4096),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
         keep_threshold(p) if p > 0.0 else 0, keep_scale(p) if p > 0.0 else 1.0,
-        F32_DOT=interpreting() or lora_A.dtype == torch.float32, DOT_PREC=_dot_prec(lora_A.dtype), BR=BR,
+        BR=BR, **_dot_args(lora_A.dtype),
     )
     return out
 
@@ -304,6 +314,6 @@ def lora_grad_a(g: Tensor, x: Tensor, seed: Tensor, p: float, scale: float, out_
         g, x, out, seed, M, K, R, min(next_pow2(M), 4096), split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         keep_threshold(p) if p > 0.0 else 0, float(scale),
-        F32_DOT=interpreting() or g.dtype == torch.float32, DOT_PREC=_dot_prec(g.dtype), BR=BR,
+        BR=BR, **_dot_args(g.dtype),
     )
     return out if out_dtype == torch.float32 else out.to(out_dtype)
