@@ -13,11 +13,11 @@ import torch
 
 from . import _path
 from .triton_kernels._triton import keep_scale, new_seed
-from .triton_kernels.colsum import colsum_mul
-from .triton_kernels.dora import dora_weight_norm  # noqa: F401  (re-exported for ops.py)
+from .triton_kernels import colsum as _colsum
+from .triton_kernels import lora as _lora
+from .triton_kernels import dora as _dora
 from .triton_kernels._workspace import scratch
 from .triton_kernels.fused_linear import NF4KN, Segment, fused_linear, fused_linear_ref
-from .triton_kernels.lora import lora_grad_a, lora_shrink
 from .triton_kernels.nf4 import NF4Operand, nf4_dequantize
 
 Tensor = torch.Tensor
@@ -36,7 +36,14 @@ def _dequantized(w: NF4KN) -> Tensor:
 def _linear(op: str, x: Tensor, w, **kw):
     """fused_linear on the path measured fastest for this shape (Triton only when masked).
     For a 4-bit weight: decode in the GEMM (small M), or dequantize into a buffer and then
-    the Triton or cuBLAS GEMM."""
+    the Triton or cuBLAS GEMM.
+
+    Fallbacks, run only when the paths before them cannot compile or launch on this GPU
+    (_path.choose): with dropout masks, the torch composition regenerating the keep mask from
+    the seeds (philox_keep_mask_ref: the same mask, built as an [M, K] tensor with ~10 integer
+    passes, so never measured: it cannot win and timing it would only slow the first call);
+    with a 4-bit weight, dequantization in torch + cuBLAS (nf4_dequantize_ref: it does not
+    depend on the Triton dequantization kernel the other paths share)."""
     segs = kw.get("segments", ())
     masked = any(s.p > 0.0 for s in segs)
     nf4 = isinstance(w, NF4KN)
@@ -44,11 +51,49 @@ def _linear(op: str, x: Tensor, w, **kw):
            tuple(sorted(k for k, v in kw.items() if v is not None and v is not False and k != "segments")))
     dense = (lambda: _dequantized(w)) if nf4 else (lambda: w)
     cands = {"triton": lambda: fused_linear(x, dense(), **kw)}
-    if not masked:
+    fallbacks = {}
+    if masked:
+        fallbacks["torch"] = lambda: fused_linear_ref(x, dense(), **kw)
+    else:
         cands["torch"] = lambda: fused_linear_ref(x, dense(), **kw)
     if nf4 and x.shape[0] <= _DECODE_M:
         cands["nf4_fused"] = lambda: fused_linear(x, w, **kw)
-    return _path.choose(op, key, cands, x.device)
+    if nf4:
+        fallbacks["torch_dequant"] = lambda: fused_linear_ref(x, w, **kw)
+    return _path.choose(op, key, cands, x.device, fallbacks)
+
+
+def _guarded(op: str, key: tuple, device: torch.device, kernel, ref, *args):
+    """A kernel with no cuBLAS rival, and its torch reference as the fallback when it cannot
+    compile or launch on this GPU (same results: the references regenerate the same masks)."""
+    return _path.choose(op, key, {"triton": lambda: kernel(*args)}, device, {"torch": lambda: ref(*args)})
+
+
+def lora_shrink(x: Tensor, A: Tensor, seed: Tensor, p: float) -> Tensor:
+    """drop(x) A^T [M, r] with the in-kernel Philox mask (no [M, K] mask stored)."""
+    key = (_path.bucket(x.shape[0]), x.shape[1], A.shape[0], str(x.dtype), str(A.dtype))
+    return _guarded("lora_shrink", key, x.device, _lora.lora_shrink, _lora.lora_shrink_ref, x, A, seed, p)
+
+
+def lora_grad_a(g: Tensor, x: Tensor, seed: Tensor, p: float, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """dA = scale g^T drop(x) [r, K], the mask regenerated from the forward's seed."""
+    key = (_path.bucket(x.shape[0]), x.shape[1], g.shape[1], str(x.dtype), str(g.dtype))
+    return _guarded("lora_grad_a", key, x.device, _lora.lora_grad_a, _lora.lora_grad_a_ref,
+                    g, x, seed, p, scale, out_dtype)
+
+
+def colsum_mul(a: Tensor, b: Tensor) -> Tensor:
+    """fp32 [N] column sums of a * b."""
+    key = (_path.bucket(a.shape[0]), a.shape[1], str(a.dtype), str(b.dtype))
+    return _guarded("colsum_mul", key, a.device, _colsum.colsum_mul, _colsum.colsum_mul_ref, a, b)
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out=False, weight_sqnorm=None) -> Tensor:
+    """||W + s B A|| per output row, fp32 [N] (the op ops.py calls on this path)."""
+    key = (tuple(weight.shape), lora_A.shape[0], str(weight.dtype), str(lora_A.dtype), bool(fan_in_fan_out),
+           weight_sqnorm is not None)
+    return _guarded("dora_weight_norm", key, lora_A.device, _dora.dora_weight_norm, _dora.dora_weight_norm_ref,
+                    weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sqnorm)
 
 
 def _cat(ts: Sequence[Tensor], dim: int) -> Tensor:
