@@ -8,7 +8,16 @@ A and B are stacked (ranks zero-padded to the largest), tokens are grouped by ad
     expand:  y[order[i]] += s[a] * xa[i] B[a]^T
 The decode variant needs no grouping: one program per (token, column block) reads the token's
 adapter index and computes its whole low-rank update (xa stays in registers).
-Tokens with index -1 ("__base__") get no update.
+Tokens whose index is outside [0, n) get no update (-1 is "__base__"; the kernels and the
+references agree on any other out-of-range index too, and never read adapter memory for it).
+
+GPU notes. Every offset that can reach 2^31 elements (token x row stride, adapter x adapter
+stride) is computed in int64. The shrink and expand dots run on the adapters' dtype: 16-bit
+adapters use 16-bit tensor-core dots with fp32 accumulation (x, resp. xa, cast to that dtype,
+as `lora_mixed_ref` computes), fp32 adapters use ieee fp32 dots unless
+torch.backends.cuda.matmul.allow_tf32 is set (then tf32). Under the interpreter every dot is
+fp32 (bf16 dots are wrong there). `y` is updated in place, so the autotuned kernels that do it
+declare `restore_value=["y_ptr"]`: benchmarking configs must not add the update more than once.
 """
 from __future__ import annotations
 
@@ -16,16 +25,18 @@ from typing import Callable, Optional
 
 import torch
 
-from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
+from ._triton import HAS_TRITON, config_key, interpreting, next_pow2, target_pruner, tl, triton
 
 Tensor = torch.Tensor
 
 
 def segments_ref(token_idx: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(order, starts, counts): tokens stably sorted by adapter (-1 first), where each adapter's
-    group starts in `order`, and its size (int64 [T], [n], [n])."""
+    """(order, starts, counts): tokens stably sorted by adapter index (negative indices first,
+    indices >= n last, both in no segment), where each adapter's group starts in `order`, and
+    its size (int64 [T], [n], [n])."""
     order = torch.sort(token_idx, stable=True).indices
-    counts = torch.bincount(token_idx[token_idx >= 0], minlength=n)[:n]
+    valid = (token_idx >= 0) & (token_idx < n)
+    counts = torch.bincount(token_idx[valid], minlength=n)
     starts = (token_idx < 0).sum() + torch.cumsum(counts, 0) - counts
     return order, starts, counts
 
@@ -35,7 +46,7 @@ def lora_mixed_ref(
     lora_A: Tensor,  # [n, R, K] stacked, zero-padded ranks
     lora_B: Tensor,  # [n, N, R]
     scales: Tensor,  # fp32 [n]
-    token_idx: Tensor,  # int64 [T], -1 = no adapter
+    token_idx: Tensor,  # int64 [T], -1 (or any index outside [0, n)) = no adapter
     out: Tensor,  # [T, N], updated in place and returned
     order: Optional[Tensor] = None,  # the segment metadata, if already computed
     starts: Optional[Tensor] = None,
@@ -47,33 +58,94 @@ def lora_mixed_ref(
     if order is None:
         order, starts, counts = segments_ref(token_idx, lora_A.shape[0])
     st, ct, sc = starts.tolist(), counts.tolist(), scales.tolist()
-    n_base = x.shape[0] - sum(ct)  # "__base__" tokens come first in `order` and get nothing
+    if not ct:
+        return out
+    # tokens with a negative index come first in `order`, those with an index >= n last: the
+    # adapters' segments are the rows n_base .. n_base + n_seg of `order`
+    n_base, n_seg = st[0], sum(ct)
     xl = x.to(lora_A.dtype)
     used = [a for a, c in enumerate(ct) if c]
-    if n_base == 0 and len(used) == 1:  # the whole batch on one adapter: no grouping needed
+    if n_seg == x.shape[0] and len(used) == 1:  # the whole batch on one adapter: no grouping needed
         a = used[0]
         upd = (xl @ lora_A[a].t()) @ lora_B[a].t()
         return out.add_(upd.to(out.dtype), alpha=sc[a])
-    xs = (gather or (lambda t, i: t.index_select(0, i)))(xl, order)
-    delta = torch.empty((x.shape[0] - n_base, lora_B.shape[1]), dtype=lora_A.dtype, device=x.device)
+    rows = order[n_base:n_base + n_seg]
+    xs = (gather or (lambda t, i: t.index_select(0, i)))(xl, rows)
+    delta = torch.empty((n_seg, lora_B.shape[1]), dtype=lora_A.dtype, device=x.device)
     for a, (s0, c) in enumerate(zip(st, ct)):
         if c:
             d = delta[s0 - n_base:s0 - n_base + c]
-            torch.mm(xs[s0:s0 + c] @ lora_A[a].t(), lora_B[a].t(), out=d).mul_(sc[a])
-    out.index_add_(0, order[n_base:], delta.to(out.dtype))
+            torch.mm(xs[s0 - n_base:s0 - n_base + c] @ lora_A[a].t(), lora_B[a].t(), out=d).mul_(sc[a])
+    out.index_add_(0, rows, delta.to(out.dtype))
     return out
 
 
-def get_multi_lora_configs():
+def _cfg(kw, w, s):
+    return triton.Config(dict(kw), num_warps=w, num_stages=s)
+
+
+# Launch configs per target (see _triton.py). Tiles: shrink x [BM, BK] @ A^T [BK, BR], expand
+# xa [BM, BR] @ B^T [BR, BN], bgmv A [BR, BK] and B^T [BR, BN] in fp32 registers (one token per
+# program). The rank tile BR (next_pow2 of the rank, 16..256) sets the size, so the lists are per
+# BR class; "big" = sm_80/sm_90 (163/227 KB shared memory per block), "small" = sm_86/89/120 (99 KB).
+# Every list keeps >= 2 configs that fit every target's shared memory without register spills
+# (checked with benchmarks/aot_compile.py / direct triton.compile for sm_80..sm_120).
+_SHRINK = {  # BR class -> [(BM, BK, warps, stages)]
+    64: [(16, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 3)],
+    128: [(16, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3)],
+    256: [(16, 64, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (32, 64, 8, 2)],
+}
+_EXPAND = {  # BR class -> [(BM, BN, warps)]
+    64: [(16, 128, 4), (64, 128, 4), (128, 128, 8), (32, 64, 4)],
+    128: [(16, 128, 4), (64, 128, 4), (128, 64, 8), (32, 64, 4)],
+    256: [(16, 64, 4), (64, 64, 4), (64, 128, 8), (32, 64, 4)],
+}
+_BGMV = {  # BR class -> [(BK, BN, warps)]
+    64: [(64, 128, 4), (128, 64, 4), (64, 64, 4), (32, 128, 4)],
+    128: [(32, 64, 4), (64, 64, 8), (32, 128, 8), (16, 64, 4)],
+    256: [(16, 32, 4), (32, 32, 8), (16, 64, 8), (32, 64, 8)],
+}
+
+
+def _br_class(br: int) -> int:
+    return 64 if br <= 64 else br
+
+
+def _select(table, cc, args, make):
+    brs = [_br_class(args["BR"])] if args and "BR" in args else list(table)
+    out, seen = [], set()
+    for br in brs:
+        for row in table[br]:
+            cfg = make(row)
+            key = config_key(cfg)
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
+    return out
+
+
+def get_sgmv_shrink_configs(cc=None, args=None):
     if interpreting():
-        return [triton.Config({"BM": 16, "BK": 32, "BN": 32}, num_warps=4)]
-    return [triton.Config({"BM": bm, "BK": bk, "BN": bn}, num_warps=w, num_stages=3)
-            for bm, bk, bn, w in ((16, 64, 128, 4), (64, 64, 128, 4), (128, 64, 128, 8), (32, 128, 64, 4))]
+        return [triton.Config({"BM": 16, "BK": 32}, num_warps=4)]
+    return _select(_SHRINK, cc, args, lambda r: _cfg({"BM": r[0], "BK": r[1]}, r[2], r[3]))
+
+
+def get_sgmv_expand_configs(cc=None, args=None):
+    if interpreting():
+        return [triton.Config({"BM": 16, "BN": 32}, num_warps=4)]
+    return _select(_EXPAND, cc, args, lambda r: _cfg({"BM": r[0], "BN": r[1]}, r[2], 1))
+
+
+def get_bgmv_configs(cc=None, args=None):
+    if interpreting():
+        return [triton.Config({"BK": 32, "BN": 32}, num_warps=4)]
+    return _select(_BGMV, cc, args, lambda r: _cfg({"BK": r[0], "BN": r[1]}, r[2], 1))
 
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=get_multi_lora_configs(), key=["K", "BR", "T_BUCKET"])
+    @triton.autotune(configs=get_sgmv_shrink_configs(), key=["K", "BR", "T_BUCKET"],
+                     prune_configs_by={"early_config_prune": target_pruner(get_sgmv_shrink_configs)})
     @triton.jit
     def _sgmv_shrink_kernel(
         # pointers: x [T, K], A [n, R, K], out [T, BR-padded R] (sorted rows), order/starts/counts
@@ -83,32 +155,33 @@ if HAS_TRITON:
         # strides
         sxm, sxk, san, sar, sak, som, sor,
         # meta
-        F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BR: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+        F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     ):
         tile, a = tl.program_id(0), tl.program_id(1)
-        start = tl.load(starts_ptr + a)
+        start = tl.load(starts_ptr + a).to(tl.int64)
         cnt = tl.load(counts_ptr + a)
         if tile * BM >= cnt:  # this adapter's segment has no rows here
             return
         rows = tile * BM + tl.arange(0, BM)
         ok = rows < cnt
-        tok = tl.load(order_ptr + start + rows, mask=ok, other=0)
+        tok = tl.load(order_ptr + start + rows, mask=ok, other=0).to(tl.int64)
+        a_base = a_ptr + a.to(tl.int64) * san  # int64: a * san can pass 2^31 elements
         rr = tl.arange(0, BR)
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             xt = tl.load(x_ptr + tok[:, None] * sxm + rk[None, :] * sxk, mask=ok[:, None] & (rk[None, :] < K), other=0.0)
-            at = tl.load(a_ptr + a * san + rr[None, :] * sar + rk[:, None] * sak,
-                         mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-            if F32_DOT:
+            at = tl.load(a_base + rr[None, :] * sar + rk[:, None] * sak, mask=(rr[None, :] < R) & (rk[:, None] < K),
+                         other=0.0)
+            if F32_DOT:  # fp32 adapters (ieee or tf32 by DOT_PREC), or the interpreter
                 xt, at = xt.to(tl.float32), at.to(tl.float32)
-            else:
+            else:  # 16-bit adapters: 16-bit tensor-core dot, fp32 accumulation
                 xt = xt.to(at.dtype)
             acc = tl.dot(xt, at, acc=acc, input_precision=DOT_PREC)
         tl.store(out_ptr + (start + rows)[:, None] * som + rr[None, :] * sor, acc, mask=ok[:, None] & (rr[None, :] < R))
 
-    @triton.autotune(configs=get_multi_lora_configs(), key=["N", "BR", "T_BUCKET"])
+    @triton.autotune(configs=get_sgmv_expand_configs(), key=["N", "BR", "T_BUCKET"], restore_value=["y_ptr"],
+                     prune_configs_by={"early_config_prune": target_pruner(get_sgmv_expand_configs)})
     @triton.jit
     def _sgmv_expand_kernel(
         # pointers: xa [T, R] fp32 (sorted rows), B [n, N, R], scales fp32 [n], y [T, N] (updated)
@@ -118,47 +191,55 @@ if HAS_TRITON:
         # strides
         sxm, sxr, sbn_, sbo, sbr, sym, syn,
         # meta
-        DOT_PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+        F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
         tile, a, nt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        start = tl.load(starts_ptr + a)
+        start = tl.load(starts_ptr + a).to(tl.int64)
         cnt = tl.load(counts_ptr + a)
         if tile * BM >= cnt:
             return
         rows = tile * BM + tl.arange(0, BM)
         ok = rows < cnt
-        tok = tl.load(order_ptr + start + rows, mask=ok, other=0)
+        tok = tl.load(order_ptr + start + rows, mask=ok, other=0).to(tl.int64)
         rr = tl.arange(0, BR)
         rn = nt * BN + tl.arange(0, BN)
         xa = tl.load(xa_ptr + (start + rows)[:, None] * sxm + rr[None, :] * sxr, mask=ok[:, None] & (rr[None, :] < R),
                      other=0.0)
-        bt = tl.load(b_ptr + a * sbn_ + rn[None, :] * sbo + rr[:, None] * sbr, mask=(rr[:, None] < R) & (rn[None, :] < N),
-                     other=0.0).to(tl.float32)
-        upd = tl.dot(xa, bt, input_precision=DOT_PREC) * tl.load(s_ptr + a)
+        bt = tl.load(b_ptr + a.to(tl.int64) * sbn_ + rn[None, :] * sbo + rr[:, None] * sbr,
+                     mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        if F32_DOT:  # fp32 adapters (ieee or tf32 by DOT_PREC), or the interpreter
+            upd = tl.dot(xa, bt.to(tl.float32), input_precision=DOT_PREC)
+        else:  # 16-bit adapters: xa rounded to B's dtype (as the reference does), 16-bit mma, fp32 acc
+            upd = tl.dot(xa.to(bt.dtype), bt)
+        upd = upd * tl.load(s_ptr + a)
         ptrs = y_ptr + tok[:, None] * sym + rn[None, :] * syn
         m = ok[:, None] & (rn[None, :] < N)
         y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)  # each token is in exactly one segment: no race
         tl.store(ptrs, (y + upd).to(y_ptr.dtype.element_ty), mask=m)
 
-    @triton.autotune(configs=get_multi_lora_configs(), key=["K", "N", "BR"])
+    @triton.autotune(configs=get_bgmv_configs(), key=["K", "N", "BR"], restore_value=["y_ptr"],
+                     prune_configs_by={"early_config_prune": target_pruner(get_bgmv_configs)})
     @triton.jit
     def _bgmv_kernel(
         # pointers: x [T, K], A [n, R, K], B [n, N, R], scales fp32 [n], token_idx [T], y [T, N] (updated)
         x_ptr, a_ptr, b_ptr, s_ptr, idx_ptr, y_ptr,
-        # sizes
-        K, N, R,
+        # sizes (n_adapters: the number of stacked adapters)
+        K, N, R, n_adapters,
         # strides
         sxm, sxk, san, sar, sak, sbn_, sbo, sbr, sym, syn,
         # meta
-        BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+        BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
     ):
+        # One token per program: vector x matrix products (M = 1) have no tensor-core form, so both
+        # products are fp32 FMA reductions (exact fp32 accumulation of the widened inputs).
         t, nt = tl.program_id(0), tl.program_id(1)
-        a = tl.load(idx_ptr + t)
-        if a < 0:
+        a = tl.load(idx_ptr + t).to(tl.int64)
+        if (a < 0) | (a >= n_adapters):  # "__base__" (-1) or out of range: no update, no adapter read
             return
+        t = t.to(tl.int64)  # int64 offsets: t * sxm, a * san can pass 2^31 elements
         rr = tl.arange(0, BR)
         xa = tl.zeros((BR,), dtype=tl.float32)
-        for k0 in range(0, K, BK):  # one token: the shrink is a vector-matrix product
+        for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             xv = tl.load(x_ptr + t * sxm + rk * sxk, mask=rk < K, other=0.0).to(tl.float32)
             at = tl.load(a_ptr + a * san + rr[:, None] * sar + rk[None, :] * sak, mask=(rr[:, None] < R) & (rk[None, :] < K),
@@ -203,19 +284,22 @@ def lora_mixed(x, lora_A, lora_B, scales, token_idx, out, order=None, starts=Non
     scales = scales.to(torch.float32)
     if T <= DECODE_TOKENS and order is None:
         grid = lambda meta: (T, triton.cdiv(N, meta["BN"]))  # noqa: E731
-        _bgmv_kernel[grid](x, lora_A, lora_B, scales, token_idx, out, K, N, R, x.stride(0), x.stride(1),
+        _bgmv_kernel[grid](x, lora_A, lora_B, scales, token_idx, out, K, N, R, n, x.stride(0), x.stride(1),
                            *lora_A.stride(), *lora_B.stride(), out.stride(0), out.stride(1), BR=BR)
         return out
     if order is None:
         order, starts, counts = segments_ref(token_idx, n)
     xa = torch.empty((T, R), dtype=torch.float32, device=x.device)
-    f32 = interpreting() or x.dtype == torch.float32 or lora_A.dtype == torch.float32
-    prec = "ieee" if f32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    # the dots follow the adapters' dtype (16-bit tensor cores, or fp32: ieee unless TF32 is
+    # allowed); the interpreter computes every dot in fp32 (its bf16 dots are wrong)
+    prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
     tb = min(next_pow2(T), 8192)
     grid = lambda meta: (triton.cdiv(T, meta["BM"]), n)  # noqa: E731
     _sgmv_shrink_kernel[grid](x, lora_A, xa, order, starts, counts, K, R, tb, x.stride(0), x.stride(1),
-                              *lora_A.stride(), xa.stride(0), xa.stride(1), F32_DOT=f32, DOT_PREC=prec, BR=BR)
+                              *lora_A.stride(), xa.stride(0), xa.stride(1),
+                              F32_DOT=interpreting() or lora_A.dtype == torch.float32, DOT_PREC=prec, BR=BR)
     grid = lambda meta: (triton.cdiv(T, meta["BM"]), n, triton.cdiv(N, meta["BN"]))  # noqa: E731
     _sgmv_expand_kernel[grid](xa, lora_B, scales, out, order, starts, counts, N, R, tb, xa.stride(0), xa.stride(1),
-                              *lora_B.stride(), out.stride(0), out.stride(1), DOT_PREC=prec, BR=BR)
+                              *lora_B.stride(), out.stride(0), out.stride(1),
+                              F32_DOT=interpreting() or lora_B.dtype == torch.float32, DOT_PREC=prec, BR=BR)
     return out
