@@ -1,0 +1,227 @@
+"""Compile recorded launches for real NVIDIA targets on a machine without a GPU.
+
+A stand-in Triton driver reports the chosen target (sm_80, sm_86, ...) and device, so the
+kernel's own `JITFunction.run(..., warmup=True)` does exactly what the first launch on that GPU
+would do: bind and specialise the arguments, build the ASTSource and call `triton.compile`
+(ptxas ships in the triton wheel). Nothing is loaded or launched. From the compiled kernel:
+  shared memory per block (metadata.shared) against the target's limit,
+  registers and local-memory (spill) bytes per thread (`cuobjdump --dump-resource-usage`),
+  tensor-core instruction kinds in the PTX (mma / wgmma with their operand types),
+and, against what the launch asks for, whether a 16-bit dot really uses 16-bit tensor cores.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Optional
+
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
+TARGETS = tuple(SMEM_LIMIT)
+
+
+@dataclass
+class Result:
+    kernel: str
+    scenario: str
+    dtype: str
+    target: int
+    config: str
+    config_rank: int  # position of the config in the target's list (0: the autotuner's first)
+    ok: bool
+    error: str = ""
+    shared: int = -1  # bytes per block
+    smem_limit: int = 0
+    regs: int = -1
+    spill: int = -1  # local memory bytes per thread (stack frame: spills)
+    mma: str = ""  # tensor-core kinds found, e.g. "mma.f16", "wgmma.bf16", "mma.tf32"
+    dots: str = ""  # dtypes of the launch's dot operands, e.g. "fp16,fp32" (see DOTS)
+    seconds: float = 0.0
+    problems: str = ""  # ';'-joined: "compile", "smem", "spill", "no-16bit-mma", "tf32-not-allowed"
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+class _StandInDriver:
+    """Just enough of a Triton GPU driver for compiling (never for launching)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 1000 + self.target.arch  # one JIT cache per target
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"aot_compile: the stand-in driver has no {name!r} (compiling only, no GPU)")
+
+
+@contextlib.contextmanager
+def stand_in_driver(cc: int) -> Iterator[None]:
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    prev = driver._active if hasattr(driver, "_active") else None
+    driver.set_active(_StandInDriver(GPUTarget("cuda", cc, 32)))
+    try:
+        yield
+    finally:
+        if prev is None:
+            driver._active = None
+        else:
+            driver.set_active(prev)
+
+
+def target_configs(launch, cc: int) -> list:
+    """The configs the autotuner may pick on target `cc` for this launch, in its order."""
+    from triton.runtime.autotuner import Autotuner
+
+    tuner = launch.fn
+    if not isinstance(tuner, Autotuner):
+        return [None]
+    prune = getattr(tuner, "early_config_prune", None)
+    getter = getattr(prune, "get_configs", None)
+    named = dict(launch.args, **launch.kwargs)
+    if getter is None:
+        return list(tuner.configs)
+    from peft_fast.triton_kernels._triton import config_key
+
+    allowed = [config_key(c) for c in getter(cc, named)]
+    by_key = {config_key(c): c for c in tuner.configs}
+    return [by_key[k] for k in allowed if k in by_key]
+
+
+def config_name(cfg) -> str:
+    if cfg is None:
+        return "-"
+    meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{meta},w={cfg.num_warps},s={cfg.num_stages}"
+
+
+# The tl.dot operands of each kernel: (pointer argument whose dtype the dot computes in, when the
+# dot runs). A 16-bit operand must give 16-bit tensor-core instructions; an fp32 operand must not
+# give tf32 ones while TF32 is off (torch's default; recording runs with it off).
+def _has_lr(a: dict) -> bool:
+    return bool(a.get("HAS_LR", (a.get("N_SEG") or 0) > 0))
+
+
+DOTS = {
+    "_fused_linear_kernel": [("x_ptr", lambda a: True), ("l_ptr", _has_lr)],
+    "_lora_shrink_kernel": [("a_ptr", lambda a: True)],
+    "_lora_grad_a_kernel": [("g_ptr", lambda a: True)],
+    "_sgmv_shrink_kernel": [("a_ptr", lambda a: True)],
+    "_sgmv_expand_kernel": [("b_ptr", lambda a: True)],
+    "_dora_norm_kernel": [("fp32", lambda a: True)],  # fp32 norm by design (see dora.py)
+}
+
+
+def expected_dots(launch) -> list[str]:
+    """Dtypes ('fp32', 'fp16', 'bf16') of the launch's dots; empty for kernels without one."""
+    override = getattr(launch, "expect_dots", None)
+    if override is not None:
+        return list(override)
+    named = dict(launch.args, **launch.kwargs)
+    out = []
+    for ptr, when in DOTS.get(launch.kernel, []):
+        if not when(named):
+            continue
+        if ptr == "fp32":
+            out.append("fp32")
+            continue
+        t = named.get(ptr)
+        out.append({"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(getattr(t, "dtype", "")), "fp32"))
+    return out
+
+
+_PTX_TYPE = {"fp16": "f16", "bf16": "bf16"}
+_MMA = re.compile(r"\b(wgmma\.mma_async(?:\.sync)?|mma\.sync)\.aligned\.[\w.]+")
+
+
+def mma_kinds(ptx: str) -> str:
+    kinds = set()
+    for m in _MMA.finditer(ptx):
+        ins = m.group(0)
+        family = "wgmma" if ins.startswith("wgmma") else "mma"
+        for t in ("bf16", "f16", "tf32", "e4m3", "e5m2", "s8", "f64"):
+            if f".{t}" in ins:
+                kinds.add(f"{family}.{t}")
+                break
+    return ",".join(sorted(kinds))
+
+
+def _cuobjdump() -> Optional[str]:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local bytes) per thread of the first function in a cubin."""
+    tool = _cuobjdump()
+    if tool is None:
+        return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    spill = max(int(stack.group(1)) if stack else 0, int(local.group(1)) if local else 0)
+    return (int(regs.group(1)) if regs else -1), spill
+
+
+def compile_launch(launch, cc: int, cfg, rank: int = 0) -> Result:
+    """Compile one launch with one config for target `cc` and judge the result."""
+    from triton.runtime.autotuner import Autotuner
+
+    res = Result(kernel=launch.kernel, scenario=launch.scenario, dtype=launch.dtype, target=cc,
+                 config=config_name(cfg), config_rank=rank, ok=False, smem_limit=SMEM_LIMIT.get(cc, 0),
+                 dots=",".join(expected_dots(launch)))
+    jit = launch.fn.fn if isinstance(launch.fn, Autotuner) else launch.fn
+    kwargs = dict(launch.kwargs)
+    if cfg is not None:
+        kwargs.update(cfg.all_kwargs())
+    t0 = time.perf_counter()
+    try:
+        with stand_in_driver(cc):
+            kernel = jit.run(*launch.args.values(), grid=(1,), warmup=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the compiler's error is the result
+        res.error = f"{type(e).__name__}: {str(e).strip()[:400]}"
+        res.problems = "compile"
+        res.seconds = time.perf_counter() - t0
+        return res
+    res.seconds = time.perf_counter() - t0
+    res.ok = True
+    res.shared = int(kernel.metadata.shared)
+    res.regs, res.spill = resource_usage(kernel.asm["cubin"])
+    res.mma = mma_kinds(kernel.asm["ptx"])
+    problems = []
+    if res.shared > res.smem_limit:
+        problems.append("smem")
+    if res.spill > 0:
+        problems.append("spill")
+    kinds = {k.split(".")[1] for k in res.mma.split(",") if k}
+    dots = set(filter(None, res.dots.split(",")))
+    if any(d in dots and _PTX_TYPE[d] not in kinds for d in ("fp16", "bf16")):
+        problems.append("no-16bit-mma")
+    import torch
+    if "fp32" in dots and "tf32" in kinds and not torch.backends.cuda.matmul.allow_tf32:
+        problems.append("tf32-not-allowed")
+    res.problems = ";".join(problems)
+    return res
