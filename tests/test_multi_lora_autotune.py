@@ -101,8 +101,10 @@ def _interp_configs(kernel_name):
 
     metas = {
         "_bgmv_kernel": [{"BK": 16, "BN": 16}, {"BK": 32, "BN": 64}, {"BK": 64, "BN": 32}],
-        "_sgmv_shrink_kernel": [{"BM": 16, "BK": 16}, {"BM": 32, "BK": 32}, {"BM": 64, "BK": 16}],
-        "_sgmv_expand_kernel": [{"BM": 16, "BN": 16}, {"BM": 32, "BN": 64}, {"BM": 64, "BN": 32}],
+        "_sgmv_shrink_kernel": [{"BM": 16, "BK": 16, "BRN": 16}, {"BM": 32, "BK": 32, "BRN": 32},
+                                {"BM": 64, "BK": 16, "BRN": 16}],
+        "_sgmv_expand_kernel": [{"BM": 16, "BN": 16, "BK": 16}, {"BM": 32, "BN": 64, "BK": 32},
+                                {"BM": 64, "BN": 32, "BK": 16}],
     }[kernel_name]
     return [triton.Config(m, num_warps=4) for m in metas]
 
@@ -222,3 +224,34 @@ def test_offsets_past_2_31_elements(which, path):
         del storage, big, args
         gc.collect()
     _check_close(got, x, A, B, s, idx, out)
+
+
+# ------------------------------------------------------------------ launch configs per target
+@pytest.mark.parametrize("getter", ["get_sgmv_shrink_configs", "get_sgmv_expand_configs", "get_bgmv_configs"])
+def test_every_launch_keeps_two_configs_on_every_target(monkeypatch, getter):
+    from peft_fast.triton_kernels import _triton
+    from peft_fast.triton_kernels import multi_lora as ml
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    get = getattr(ml, getter)
+    union = {_triton.config_key(c) for c in get()}
+    assert len(union) == len(get())  # no duplicates in the autotune list
+    for cc in (80, 86, 89, 90, 120):
+        for br in (16, 32, 64, 128, 256):
+            for f32, prec in ((False, "ieee"), (True, "ieee"), (True, "tf32")):
+                args = {"BR": br, "F32_DOT": f32, "DOT_PREC": prec}
+                cfgs = get(cc, args)
+                assert len(cfgs) >= 2, (cc, args)
+                assert {_triton.config_key(c) for c in cfgs} <= union  # the pruner can keep them
+                for c in cfgs:
+                    kw = c.kwargs
+                    assert all(kw.get(k, 16) >= 16 for k in ("BM", "BN", "BK", "BRN"))  # tl.dot minimum
+                    if getter != "get_bgmv_configs":
+                        assert kw.get("BRN", 0) <= br and (getter == "get_sgmv_shrink_configs" or kw["BK"] <= br)
+    # the pruner narrows the autotune list to the launch's configs on a known device
+    monkeypatch.setattr(_triton, "device_capability", lambda device=None: 86)
+    prune = _triton.target_pruner(get)
+    kept = prune(get(), {"BR": 256}, F32_DOT=True, DOT_PREC="ieee")
+    assert {_triton.config_key(c) for c in kept} == {_triton.config_key(c) for c in get(86, {
+        "BR": 256, "F32_DOT": True, "DOT_PREC": "ieee"})}
+    assert len(kept) < len(get())

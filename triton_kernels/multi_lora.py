@@ -80,66 +80,85 @@ def lora_mixed_ref(
     return out
 
 
-def _cfg(kw, w, s):
-    return triton.Config(dict(kw), num_warps=w, num_stages=s)
+# Launch configs per target (see _triton.py). Tiles: shrink x [BM, BK] @ A^T [BK, BRN] (one rank
+# chunk of BRN columns per program), expand xa [BM, BK] @ B^T [BK, BN] summed over rank chunks of
+# BK, bgmv A [BR, BK] and B^T [BR, BN] in fp32 registers (one token per program; BR = next_pow2
+# of the rank, 16..256). Chunking the rank keeps the shrink/expand tiles independent of it (no
+# [BM, 256] fp32 accumulators). Lists are per BR and per dot kind; every one keeps >= 2 configs
+# that fit the shared memory of every target (sm_80 163 KB, sm_86/89/120 99 KB, sm_90 227 KB)
+# with no register spills (measured with triton.compile + ptxas for sm_80..sm_120, see
+# benchmarks/aot_compile.py), so one list serves all targets: `cc` is accepted for the
+# get_X_configs(cc, args) protocol of _triton.target_pruner.
+_BRS = (16, 32, 64, 128, 256)
 
 
-# Launch configs per target (see _triton.py). Tiles: shrink x [BM, BK] @ A^T [BK, BR], expand
-# xa [BM, BR] @ B^T [BR, BN], bgmv A [BR, BK] and B^T [BR, BN] in fp32 registers (one token per
-# program). The rank tile BR (next_pow2 of the rank, 16..256) sets the size, so the lists are per
-# BR class; "big" = sm_80/sm_90 (163/227 KB shared memory per block), "small" = sm_86/89/120 (99 KB).
-# Every list keeps >= 2 configs that fit every target's shared memory without register spills
-# (checked with benchmarks/aot_compile.py / direct triton.compile for sm_80..sm_120).
-_SHRINK = {  # BR class -> [(BM, BK, warps, stages)]
-    64: [(16, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 3)],
-    128: [(16, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3)],
-    256: [(16, 64, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (32, 64, 8, 2)],
-}
-_EXPAND = {  # BR class -> [(BM, BN, warps)]
-    64: [(16, 128, 4), (64, 128, 4), (128, 128, 8), (32, 64, 4)],
-    128: [(16, 128, 4), (64, 128, 4), (128, 64, 8), (32, 64, 4)],
-    256: [(16, 64, 4), (64, 64, 4), (64, 128, 8), (32, 64, 4)],
-}
-_BGMV = {  # BR class -> [(BK, BN, warps)]
-    64: [(64, 128, 4), (128, 64, 4), (64, 64, 4), (32, 128, 4)],
-    128: [(32, 64, 4), (64, 64, 8), (32, 128, 8), (16, 64, 4)],
-    256: [(16, 32, 4), (32, 32, 8), (16, 64, 8), (32, 64, 8)],
-}
+def _dot_kind(args) -> str:
+    """'16' (16-bit tensor cores), 'tf32' or 'f32' (ieee fp32: FMA dot) from a launch's args."""
+    if not args.get("F32_DOT", False):
+        return "16"
+    return "tf32" if args.get("DOT_PREC") == "tf32" else "f32"
 
 
-def _br_class(br: int) -> int:
-    return 64 if br <= 64 else br
+def _shrink_rows(br: int, kind: str):  # (BM, BK, BRN, warps, stages)
+    brn = min(br, 64)
+    if kind == "16":
+        return [(16, 64, brn, 4, 3), (64, 64, brn, 8, 3), (32, 64, brn, 4, 3)]
+    return [(32, 32, brn, 4, 3), (64, 32, brn, 8, 3), (16, 32, brn, 4, 3), (64, 64, brn, 8, 2)]
 
 
-def _select(table, cc, args, make):
-    brs = [_br_class(args["BR"])] if args and "BR" in args else list(table)
+def _expand_rows(br: int, kind: str):  # (BM, BN, BK, warps), BK (rank chunk) <= BR
+    if kind == "16":
+        rows = [(16, 64, 32, 4), (64, 64, 32, 8), (32, 64, 16, 4), (32, 64, 32, 4)]
+    elif kind == "tf32":
+        rows = [(16, 64, 32, 4), (32, 64, 32, 4), (64, 64, 32, 8)]
+    else:
+        rows = [(16, 64, 32, 4), (32, 64, 32, 8), (64, 64, 32, 8), (16, 128, 32, 4)]
+    return [(bm, bn, min(bk, br), w) for bm, bn, bk, w in rows]
+
+
+def _bgmv_rows(br: int):  # (BK, BN, warps)
+    if br <= 64:
+        return [(64, 128, 4), (32, 64, 4), (64, 128, 8), (32, 128, 4)]
+    if br == 128:
+        return [(16, 64, 4), (32, 128, 8), (16, 128, 8), (64, 64, 8)]
+    return [(16, 64, 8), (16, 32, 8), (32, 64, 16), (16, 128, 8)]
+
+
+def _select(rows_of, args, make):
+    """Configs for the launch's BR (and dot kind), or the union over all when args is None."""
+    if args and "BR" in args:
+        keys = [(args["BR"], _dot_kind(args))]
+    else:
+        keys = [(br, kind) for br in _BRS for kind in ("16", "tf32", "f32")]
     out, seen = [], set()
-    for br in brs:
-        for row in table[br]:
+    for br, kind in keys:
+        for row in rows_of(br, kind):
             cfg = make(row)
-            key = config_key(cfg)
-            if key not in seen:
-                seen.add(key)
+            if config_key(cfg) not in seen:
+                seen.add(config_key(cfg))
                 out.append(cfg)
     return out
 
 
 def get_sgmv_shrink_configs(cc=None, args=None):
     if interpreting():
-        return [triton.Config({"BM": 16, "BK": 32}, num_warps=4)]
-    return _select(_SHRINK, cc, args, lambda r: _cfg({"BM": r[0], "BK": r[1]}, r[2], r[3]))
+        return [triton.Config({"BM": 16, "BK": 32, "BRN": 16}, num_warps=4)]
+    return _select(_shrink_rows, args, lambda r: triton.Config({"BM": r[0], "BK": r[1], "BRN": r[2]},
+                                                               num_warps=r[3], num_stages=r[4]))
 
 
 def get_sgmv_expand_configs(cc=None, args=None):
     if interpreting():
-        return [triton.Config({"BM": 16, "BN": 32}, num_warps=4)]
-    return _select(_EXPAND, cc, args, lambda r: _cfg({"BM": r[0], "BN": r[1]}, r[2], 1))
+        return [triton.Config({"BM": 16, "BN": 32, "BK": 16}, num_warps=4)]
+    return _select(_expand_rows, args, lambda r: triton.Config({"BM": r[0], "BN": r[1], "BK": r[2]},
+                                                               num_warps=r[3], num_stages=2))
 
 
 def get_bgmv_configs(cc=None, args=None):
     if interpreting():
         return [triton.Config({"BK": 32, "BN": 32}, num_warps=4)]
-    return _select(_BGMV, cc, args, lambda r: _cfg({"BK": r[0], "BN": r[1]}, r[2], 1))
+    return _select(lambda br, kind: _bgmv_rows(br), args,
+                   lambda r: triton.Config({"BK": r[0], "BN": r[1]}, num_warps=r[2], num_stages=1))
 
 
 if HAS_TRITON:
@@ -148,16 +167,17 @@ if HAS_TRITON:
                      prune_configs_by={"early_config_prune": target_pruner(get_sgmv_shrink_configs)})
     @triton.jit
     def _sgmv_shrink_kernel(
-        # pointers: x [T, K], A [n, R, K], out [T, BR-padded R] (sorted rows), order/starts/counts
+        # pointers: x [T, K], A [n, R, K], out [T, R] fp32 (sorted rows), order/starts/counts
         x_ptr, a_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr,
         # sizes
         K, R, T_BUCKET,
         # strides
         sxm, sxk, san, sar, sak, som, sor,
-        # meta
+        # meta (BR: next_pow2 of the rank, the autotune key; BRN: rank columns per program)
         F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        BRN: tl.constexpr,
     ):
-        tile, a = tl.program_id(0), tl.program_id(1)
+        tile, a, rc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(starts_ptr + a).to(tl.int64)
         cnt = tl.load(counts_ptr + a)
         if tile * BM >= cnt:  # this adapter's segment has no rows here
@@ -165,19 +185,21 @@ if HAS_TRITON:
         rows = tile * BM + tl.arange(0, BM)
         ok = rows < cnt
         tok = tl.load(order_ptr + start + rows, mask=ok, other=0).to(tl.int64)
-        a_base = a_ptr + a.to(tl.int64) * san  # int64: a * san can pass 2^31 elements
-        rr = tl.arange(0, BR)
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        rr = rc * BRN + tl.arange(0, BRN)
+        rk = tl.arange(0, BK)
+        x_ptrs = x_ptr + tok[:, None] * sxm + rk[None, :] * sxk  # int64: tok * sxm, a * san can pass 2^31
+        a_ptrs = a_ptr + a.to(tl.int64) * san + rr[None, :] * sar + rk[:, None] * sak
+        acc = tl.zeros((BM, BRN), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            xt = tl.load(x_ptr + tok[:, None] * sxm + rk[None, :] * sxk, mask=ok[:, None] & (rk[None, :] < K), other=0.0)
-            at = tl.load(a_base + rr[None, :] * sar + rk[:, None] * sak, mask=(rr[None, :] < R) & (rk[:, None] < K),
-                         other=0.0)
+            xt = tl.load(x_ptrs, mask=ok[:, None] & (rk[None, :] < K - k0), other=0.0)
+            at = tl.load(a_ptrs, mask=(rr[None, :] < R) & (rk[:, None] < K - k0), other=0.0)
             if F32_DOT:  # fp32 adapters (ieee or tf32 by DOT_PREC), or the interpreter
                 xt, at = xt.to(tl.float32), at.to(tl.float32)
             else:  # 16-bit adapters: 16-bit tensor-core dot, fp32 accumulation
                 xt = xt.to(at.dtype)
             acc = tl.dot(xt, at, acc=acc, input_precision=DOT_PREC)
+            x_ptrs += BK * sxk
+            a_ptrs += BK * sak
         tl.store(out_ptr + (start + rows)[:, None] * som + rr[None, :] * sor, acc, mask=ok[:, None] & (rr[None, :] < R))
 
     @triton.autotune(configs=get_sgmv_expand_configs(), key=["N", "BR", "T_BUCKET"], restore_value=["y_ptr"],
@@ -190,8 +212,9 @@ if HAS_TRITON:
         N, R, T_BUCKET,
         # strides
         sxm, sxr, sbn_, sbo, sbr, sym, syn,
-        # meta
+        # meta (BR: next_pow2 of the rank, the autotune key; BK: rank chunk of the dot)
         F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        BK: tl.constexpr,
     ):
         tile, a, nt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(starts_ptr + a).to(tl.int64)
@@ -201,17 +224,21 @@ if HAS_TRITON:
         rows = tile * BM + tl.arange(0, BM)
         ok = rows < cnt
         tok = tl.load(order_ptr + start + rows, mask=ok, other=0).to(tl.int64)
-        rr = tl.arange(0, BR)
         rn = nt * BN + tl.arange(0, BN)
-        xa = tl.load(xa_ptr + (start + rows)[:, None] * sxm + rr[None, :] * sxr, mask=ok[:, None] & (rr[None, :] < R),
-                     other=0.0)
-        bt = tl.load(b_ptr + a.to(tl.int64) * sbn_ + rn[None, :] * sbo + rr[:, None] * sbr,
-                     mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        if F32_DOT:  # fp32 adapters (ieee or tf32 by DOT_PREC), or the interpreter
-            upd = tl.dot(xa, bt.to(tl.float32), input_precision=DOT_PREC)
-        else:  # 16-bit adapters: xa rounded to B's dtype (as the reference does), 16-bit mma, fp32 acc
-            upd = tl.dot(xa.to(bt.dtype), bt)
-        upd = upd * tl.load(s_ptr + a)
+        rk = tl.arange(0, BK)
+        xa_ptrs = xa_ptr + (start + rows)[:, None] * sxm + rk[None, :] * sxr
+        b_ptrs = b_ptr + a.to(tl.int64) * sbn_ + rn[None, :] * sbo + rk[:, None] * sbr  # int64: a * sbn_
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for r0 in range(0, R, BK):
+            xa = tl.load(xa_ptrs, mask=ok[:, None] & (rk[None, :] < R - r0), other=0.0)
+            bt = tl.load(b_ptrs, mask=(rk[:, None] < R - r0) & (rn[None, :] < N), other=0.0)
+            if F32_DOT:  # fp32 adapters (ieee or tf32 by DOT_PREC), or the interpreter
+                acc = tl.dot(xa, bt.to(tl.float32), acc=acc, input_precision=DOT_PREC)
+            else:  # 16-bit adapters: xa rounded to B's dtype (as the reference does), 16-bit mma, fp32 acc
+                acc = tl.dot(xa.to(bt.dtype), bt, acc=acc)
+            xa_ptrs += BK * sxr
+            b_ptrs += BK * sbr
+        upd = acc * tl.load(s_ptr + a)
         ptrs = y_ptr + tok[:, None] * sym + rn[None, :] * syn
         m = ok[:, None] & (rn[None, :] < N)
         y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)  # each token is in exactly one segment: no race
@@ -294,7 +321,7 @@ def lora_mixed(x, lora_A, lora_B, scales, token_idx, out, order=None, starts=Non
     # allowed); the interpreter computes every dot in fp32 (its bf16 dots are wrong)
     prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
     tb = min(next_pow2(T), 8192)
-    grid = lambda meta: (triton.cdiv(T, meta["BM"]), n)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(T, meta["BM"]), n, triton.cdiv(R, meta["BRN"]))  # noqa: E731
     _sgmv_shrink_kernel[grid](x, lora_A, xa, order, starts, counts, K, R, tb, x.stride(0), x.stride(1),
                               *lora_A.stride(), xa.stride(0), xa.stride(1),
                               F32_DOT=interpreting() or lora_A.dtype == torch.float32, DOT_PREC=prec, BR=BR)
