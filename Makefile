@@ -15,11 +15,12 @@ $(PY):
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
 # torch goes in first and alone; an existing torch (e.g. a user's CUDA build) is kept.
-$(STAMP): $(PY) requirements-dev.txt pyproject.toml setup.py $(CSRC)
+$(STAMP): $(PY) requirements-dev.txt requirements-gpu-image.txt pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-gpu-image -r requirements-gpu-image.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
