@@ -55,13 +55,17 @@ def test_nf4_dequantize_rejects_bad_buffers():
 @pytest.mark.parametrize("transpose", [True, False], ids=["W^T", "W"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["dq0", "dq1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_fused_linear_reads_nf4_weight_in_registers(transpose, double_quant, dtype):
+@pytest.mark.parametrize("shape,blocksize", [((72, 192), 64), ((40, 256), 128), ((72, 100), 64)], ids=str)
+def test_fused_linear_reads_nf4_weight_in_registers(transpose, double_quant, dtype, shape, blocksize):
+    """Rows of W that are whole NF4 blocks: decoded in the GEMM; (72, 100): blocks straddle
+    rows, the weight is expanded first."""
     from conftest import assert_kernel_close
-    from peft_fast.triton_kernels.fused_linear import NF4KN, Segment, fused_linear, fused_linear_ref
+    from peft_fast.triton_kernels.fused_linear import NF4KN, Segment, fused_linear, fused_linear_ref, nf4_decodes_in_gemm
 
     torch.manual_seed(3)
-    N, K, M = 72, 100, 5
-    op, _, _ = _operand(torch.randn(N, K).to(dtype), 64, double_quant)
+    (N, K), M = shape, 5
+    op, _, _ = _operand(torch.randn(N, K).to(dtype), blocksize, double_quant)
+    assert nf4_decodes_in_gemm(op) == (K % blocksize == 0)
     w = NF4KN(op, transpose)
     kin, kout = w.shape
     x = torch.randn(M, kin).to(dtype)

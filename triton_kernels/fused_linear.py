@@ -22,8 +22,9 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from .nf4 import NF4Operand, nf4_dequantize_ref, nf4_kernel_args
-from ._triton import HAS_TRITON, interpreting, keep_scale, keep_threshold, next_pow2, philox_keep_mask_ref, tl, triton  # noqa: F401
+from .nf4 import NF4Operand, nf4_dequantize, nf4_dequantize_ref, nf4_kernel_args
+from ._triton import (HAS_TRITON, SMEM_PER_BLOCK, interpreting, keep_scale, keep_threshold, next_pow2,  # noqa: F401
+                      philox_keep_mask_ref, target_pruner, tl, triton)
 
 Tensor = torch.Tensor
 
@@ -54,6 +55,14 @@ class NF4KN(NamedTuple):
     def dequantize(self) -> Tensor:
         w = nf4_dequantize_ref(self.op)
         return w.t() if self.transpose else w
+
+
+def nf4_decodes_in_gemm(op: NF4Operand) -> bool:
+    """Whether fused_linear decodes this 4-bit weight inside the GEMM: each tile reads one
+    absmax per row (W^T) or column (W) of the tile, so NF4 blocks must not straddle rows of W
+    and must span at least the smallest tile (32). Other weights are expanded first."""
+    bs = op.blocksize
+    return bs >= 32 and bs & (bs - 1) == 0 and op.shape[1] % bs == 0
 
 
 def fused_linear_ref(
@@ -101,18 +110,85 @@ def fused_linear_ref(
     return acc.to(out_dtype), pre, red
 
 
-def get_fused_linear_configs():
-    """Launch configs; autotuned on GPU, one fixed config under the interpreter."""
+# Launch configs (BM, BN, BK, GROUP_M, num_warps, num_stages) per operand kind and shared-memory
+# class, chosen from compile-only sweeps (benchmarks/aot_compile.py, triton 3.9, sm_80/sm_90):
+# each fits its class's shared memory (the pipelined loop takes (stages - 1) * (BM + BN) * BK
+# elements) and none spills registers on sm_80..sm_90. Kinds:
+#   "16"    16-bit x and w, 16-bit (or no) adapters, 16-byte aligned rows: mma / wgmma.
+#   "16s"   16-bit, but dropout masks (Philox per element), fp32 adapters (FMA low-rank dot) or
+#           unaligned rows (scalar loads pipelined through registers): tiles of <= 32 fp32
+#           accumulator elements a thread.
+#   "tf32"  fp32 with TF32 allowed (tf32 mma); "ieee": fp32 exact products (FMA, by design: torch
+#           computes fp32 matmuls without TF32 unless allowed), operands in registers: small tiles.
+#   "nf4t", "nf4w"  4-bit weight decoded in the GEMM as W^T (forward) or W (dx): small M,
+#           BK (W^T) or BN (W) within one NF4 block.
+_CONFIGS = {
+    ("16", "227k"): [(128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (16, 128, 128, 1, 4, 4),
+                     (16, 64, 256, 1, 4, 3)],
+    ("16", "163k"): [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (16, 128, 128, 1, 4, 4),
+                     (16, 64, 256, 1, 4, 3)],
+    ("16", "99k"): [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3), (16, 128, 64, 1, 4, 4),
+                    (16, 64, 128, 1, 4, 4)],
+    ("16s", "any"): [(64, 128, 64, 8, 8, 3), (64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3), (16, 128, 64, 1, 4, 4),
+                     (16, 64, 128, 1, 4, 4)],
+    ("tf32", "any"): [(64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3), (16, 128, 32, 1, 4, 4)],
+    ("ieee", "any"): [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 3), (32, 32, 32, 4, 4, 3), (16, 64, 32, 1, 4, 3)],
+    ("nf4t", "any"): [(16, 64, 64, 1, 4, 4), (16, 128, 64, 1, 4, 4), (16, 64, 32, 1, 4, 4), (16, 32, 64, 1, 4, 4),
+                      (16, 32, 32, 1, 4, 4)],
+    ("nf4w", "any"): [(16, 64, 32, 1, 4, 4), (16, 64, 64, 1, 4, 2), (16, 32, 64, 1, 4, 3), (32, 64, 32, 1, 4, 3),
+                      (16, 32, 32, 1, 4, 4)],
+}
+_KINDS = ("16", "16s", "tf32", "ieee", "nf4t", "nf4w")
+
+
+def _smem_class(cc: int) -> str:
+    smem = SMEM_PER_BLOCK.get(cc, 99 * 1024)
+    return "227k" if smem >= 227 * 1024 else "163k" if smem >= 163 * 1024 else "99k"
+
+
+def _aligned(args) -> bool:
+    """16-byte aligned rows for 16-bit operands (vectorised loads, cp.async pipelining)."""
+    return all(int(args.get(n, 8)) in (0, 1) or int(args.get(n, 8)) % 8 == 0
+               for n in ("K", "N", "sxm", "sxk", "swk", "swn"))
+
+
+def _operand_kind(args) -> str:
+    if args.get("W_NF4"):
+        return "nf4t" if args.get("W_T") else "nf4w"
+    if args.get("F32_DOT"):
+        return "tf32" if args.get("DOT_PREC") == "tf32" else "ieee"
+    if args.get("LR_MASK") or (args.get("HAS_LR") and args.get("LR_F32")) or not _aligned(args):
+        return "16s"
+    return "16"
+
+
+def _nf4_fits(cfg: tuple, args) -> bool:
+    """The in-GEMM decode reads one absmax per tile row/column: the tile's span along the
+    weight's contiguous dimension (BK for W^T, BN for W) must not cross an NF4 block."""
+    if not args or not args.get("W_NF4"):
+        return True
+    span = cfg[2] if args.get("W_T") else cfg[1]
+    return span <= int(args.get("q_bs", 64))
+
+
+def get_fused_linear_configs(cc=None, args=None):
+    """Launch configs (see _triton.py): one fixed config under the interpreter; every target's
+    configs when cc is None; for compute capability `cc` the configs that fit its shared memory
+    without spills, for the operand kind of the launch's named arguments `args`."""
     if interpreting():
         return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4)]
-    return [
-        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 16, "BN": 128, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 16, "BN": 64, "BK": 256, "GROUP_M": 1}, num_warps=4, num_stages=3),
-    ]
+    classes = ("227k", "163k", "99k") if cc is None else (_smem_class(cc),)
+    kinds = _KINDS if not args else (_operand_kind(args),)
+    seen, out = set(), []
+    for kind in kinds:
+        for cls in classes:
+            for cfg in _CONFIGS.get((kind, cls), _CONFIGS.get((kind, "any"), [])):
+                if cfg in seen or not _nf4_fits(cfg, args):
+                    continue
+                seen.add(cfg)
+                bm, bn, bk, g, w, st = cfg
+                out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": g}, num_warps=w, num_stages=st))
+    return out
 
 
 _SEG_TABLES: dict = {}
@@ -131,27 +207,44 @@ def segment_table(segments: Sequence[Segment], device: torch.device) -> tuple[Te
     return hit
 
 
+_DUMMY_SEGS: dict = {}
+
+
+def _no_segments(device: torch.device) -> Tensor:
+    """int32 [3] zeros: the segment-table slot of launches without low-rank terms (never read;
+    an int32 table keeps the pointer type of every launch the same)."""
+    key = str(device)
+    hit = _DUMMY_SEGS.get(key)
+    if hit is None:
+        hit = _DUMMY_SEGS[key] = torch.zeros(3, dtype=torch.int32, device=device)
+    return hit
+
+
 if HAS_TRITON:
     from ._triton import keep_mask
-    from .nf4 import nf4_decode
+    from .nf4 import nf4_block_absmax, nf4_code_select
 
-    @triton.autotune(configs=get_fused_linear_configs(), key=["M_BUCKET", "N", "K", "N_SEG", "BR", "W_NF4"],
+    @triton.autotune(configs=get_fused_linear_configs(),
+                     key=["M_BUCKET", "N", "K", "N_SEG", "BR", "W_NF4", "W_T", "LR_MASK", "DOT_PREC", "LR_PREC"],
+                     prune_configs_by={"early_config_prune": target_pruner(get_fused_linear_configs)},
                      reset_to_zero=["red_ptr"])
     @triton.jit
     def _fused_linear_kernel(
         # pointers
         x_ptr, w_ptr, out_ptr, bias_ptr, pro_ptr, col_ptr, pre_ptr, red_ptr, z_ptr,
         l_ptr, r_ptr, seg_ptr, segscale_ptr, seeds_ptr,
-        # NF4 weight (W_NF4): packed, absmax, code, offset, absmax2, code2 and the block sizes
-        q_packed, q_absmax, q_code, q_offset, q_absmax2, q_code2, q_bs, q_bs2,
+        # NF4 weight (W_NF4): packed, absmax, code, offset, absmax2, code2, the block sizes and
+        # the length of W's rows in elements (in_features)
+        q_packed, q_absmax, q_code, q_offset, q_absmax2, q_code2, q_bs, q_bs2, q_row,
         # sizes
         M, N, K, M_BUCKET, N_SEG,
         # strides
         sxm, sxk, swk, swn, som, son, spm, spn, szm, szn, slm, slr, srr, srn,
         # meta
-        LR_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_SCALED: tl.constexpr, HAS_PRO: tl.constexpr,
-        HAS_COL: tl.constexpr, STORE_PRE: tl.constexpr, REDUCE: tl.constexpr, F32_DOT: tl.constexpr,
-        DOT_PREC: tl.constexpr, BR: tl.constexpr, W_NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        HAS_LR: tl.constexpr, LR_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_SCALED: tl.constexpr,
+        HAS_PRO: tl.constexpr, HAS_COL: tl.constexpr, STORE_PRE: tl.constexpr, REDUCE: tl.constexpr,
+        F32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, LR_F32: tl.constexpr, LR_PREC: tl.constexpr, BR: tl.constexpr,
+        W_NF4: tl.constexpr, W_T: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # grouped launch order: GROUP_M row-blocks share each column block of w in L2
@@ -165,46 +258,84 @@ if HAS_TRITON:
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         m_ok, n_ok = rm < M, rn < N
+        # 64-bit offsets: row x stride reaches 2^31 elements on large outputs (lm_head N=128256)
+        rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
+        x_m = x_ptr + rm64[:, None] * sxm
+
+        if W_NF4:
+            # the 4-bit weight is decoded in registers: the packed bytes are the only per-element
+            # load; the 16 code values are scalars (select tree), the absmax one per block
+            tl.static_assert(BK <= 4096)
+            c0, c1, c2, c3 = tl.load(q_code), tl.load(q_code + 1), tl.load(q_code + 2), tl.load(q_code + 3)
+            c4, c5, c6, c7 = tl.load(q_code + 4), tl.load(q_code + 5), tl.load(q_code + 6), tl.load(q_code + 7)
+            c8, c9, c10, c11 = tl.load(q_code + 8), tl.load(q_code + 9), tl.load(q_code + 10), tl.load(q_code + 11)
+            c12, c13, c14, c15 = tl.load(q_code + 12), tl.load(q_code + 13), tl.load(q_code + 14), tl.load(q_code + 15)
+            q_off = tl.load(q_offset) if DOUBLE_QUANT else 0.0
+            n_blk = q_row // q_bs  # blocks per row of W (the launcher checks q_row % q_bs == 0)
+            half_row = q_row // 2
+            if W_T:  # [K, N] = W^T: element (k, n) = W[n, k], contiguous along k
+                q_n = q_packed + rn64[None, :] * half_row
+            else:  # [K, N] = W: element (k, n) = W[k, n], contiguous along n
+                q_n = q_packed + (rn >> 1)[None, :]
+                lo_n = ((rn & 1) != 0)[None, :]
+                blk_n = pid_n * BN // q_bs  # the whole tile lies in one block along n
+        else:
+            w_n = w_ptr + rn64[None, :] * swn
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            a = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
-            b_ok = (rk[:, None] < K) & n_ok[None, :]
-            if W_NF4:  # 4-bit weight: decode the tile in registers (swk, swn: element strides of W)
-                e = rk[:, None].to(tl.int64) * swk + rn[None, :].to(tl.int64) * swn
-                b = nf4_decode(q_packed, q_absmax, q_code, q_offset, q_absmax2, q_code2, e, b_ok, q_bs, q_bs2,
-                               DOUBLE_QUANT).to(x_ptr.dtype.element_ty)
+            rk64 = rk.to(tl.int64)
+            k_ok = rk < K
+            a = tl.load(x_m + rk64[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b_ok = k_ok[:, None] & n_ok[None, :]
+            if W_NF4:
+                if W_T:
+                    byte = tl.load(q_n + (rk >> 1)[:, None], mask=b_ok, other=0).to(tl.int32)
+                    nib = tl.where(((rk & 1) != 0)[:, None], byte & 0xF, byte >> 4)
+                    am = nf4_block_absmax(q_absmax, q_off, q_absmax2, q_code2, rn64 * n_blk + k0 // q_bs, n_ok,
+                                          q_bs2, DOUBLE_QUANT)[None, :]
+                else:
+                    byte = tl.load(q_n + rk64[:, None] * half_row, mask=b_ok, other=0).to(tl.int32)
+                    nib = tl.where(lo_n, byte & 0xF, byte >> 4)
+                    am = nf4_block_absmax(q_absmax, q_off, q_absmax2, q_code2, rk64 * n_blk + blk_n, k_ok,
+                                          q_bs2, DOUBLE_QUANT)[:, None]
+                b = nf4_code_select(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+                b = (b * am).to(x_ptr.dtype.element_ty)
             else:
-                b = tl.load(w_ptr + rk[:, None] * swk + rn[None, :] * swn, mask=b_ok, other=0.0)
+                b = tl.load(w_n + rk64[:, None] * swk, mask=b_ok, other=0.0)
             if HAS_PRO:
-                p = tl.load(pro_ptr + rk, mask=rk < K, other=0.0)
+                p = tl.load(pro_ptr + rk, mask=k_ok, other=0.0)
                 b = (b.to(tl.float32) * p.to(tl.float32)[:, None]).to(b.dtype)
-            if F32_DOT:
+            if F32_DOT:  # fp32 operands (or the interpreter): tf32 mma, or FMA when DOT_PREC is "ieee"
                 a, b = a.to(tl.float32), b.to(tl.float32)
+            else:  # 16-bit mma, fp32 accumulation
+                b = b.to(a.dtype)
             acc = tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
 
-        for seg in range(0, N_SEG):  # low-rank terms, one per adapter
-            off = tl.load(seg_ptr + 3 * seg)
-            rank = tl.load(seg_ptr + 3 * seg + 1)
-            lr = tl.zeros((BM, BN), dtype=tl.float32)
-            for r0 in range(0, rank, BR):
-                rr = r0 + tl.arange(0, BR)
-                la = tl.load(l_ptr + rm[:, None] * slm + (off + rr)[None, :] * slr,
-                             mask=m_ok[:, None] & (rr[None, :] < rank), other=0.0)
-                rb = tl.load(r_ptr + (off + rr)[:, None] * srr + rn[None, :] * srn,
-                             mask=(rr[:, None] < rank) & n_ok[None, :], other=0.0)
-                if F32_DOT:
-                    la, rb = la.to(tl.float32), rb.to(tl.float32)
-                else:
-                    rb = rb.to(la.dtype)
-                lr = tl.dot(la, rb, acc=lr, input_precision=DOT_PREC)
-            if LR_MASK:
-                thr = tl.load(seg_ptr + 3 * seg + 2)
-                if thr > 0:  # dropout keep mask of this adapter, regenerated from its seed
-                    seed = tl.load(seeds_ptr + seg)
-                    lr = tl.where(keep_mask(seed, rm[:, None], rn[None, :], thr), lr, 0.0)
-            acc += lr * tl.load(segscale_ptr + seg)
+        if HAS_LR:  # low-rank terms, one per adapter (compiled only when there are any)
+            l_m = l_ptr + rm64[:, None] * slm
+            r_n = r_ptr + rn64[None, :] * srn
+            for seg in range(0, N_SEG):
+                off = tl.load(seg_ptr + 3 * seg)
+                rank = tl.load(seg_ptr + 3 * seg + 1)
+                lr = tl.zeros((BM, BN), dtype=tl.float32)
+                for r0 in range(0, rank, BR):
+                    rr = r0 + tl.arange(0, BR)
+                    rr64 = (off + rr).to(tl.int64)
+                    la = tl.load(l_m + rr64[None, :] * slr, mask=m_ok[:, None] & (rr[None, :] < rank), other=0.0)
+                    rb = tl.load(r_n + rr64[:, None] * srr, mask=(rr[:, None] < rank) & n_ok[None, :], other=0.0)
+                    if LR_F32:  # fp32 adapters: tf32 only when allowed (LR_PREC), else exact
+                        la, rb = la.to(tl.float32), rb.to(tl.float32)
+                    else:  # 16-bit adapters: 16-bit mma, fp32 accumulation
+                        rb = rb.to(la.dtype)
+                    lr = tl.dot(la, rb, acc=lr, input_precision=LR_PREC)
+                if LR_MASK:
+                    thr = tl.load(seg_ptr + 3 * seg + 2)
+                    if thr > 0:  # dropout keep mask of this adapter, regenerated from its seed
+                        seed = tl.load(seeds_ptr + seg)
+                        lr = tl.where(keep_mask(seed, rm[:, None], rn[None, :], thr), lr, 0.0)
+                acc += lr * tl.load(segscale_ptr + seg)
 
         tile_ok = m_ok[:, None] & n_ok[None, :]
         if HAS_BIAS:
@@ -212,23 +343,27 @@ if HAS_TRITON:
             if BIAS_SCALED:
                 acc = acc + bias[None, :]
         if STORE_PRE:
-            tl.store(pre_ptr + rm[:, None] * spm + rn[None, :] * spn, acc.to(pre_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(pre_ptr + rm64[:, None] * spm + rn64[None, :] * spn, acc.to(pre_ptr.dtype.element_ty), mask=tile_ok)
         if REDUCE:
-            z = tl.load(z_ptr + rm[:, None] * szm + rn[None, :] * szn, mask=tile_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rm64[:, None] * szm + rn64[None, :] * szn, mask=tile_ok, other=0.0).to(tl.float32)
             tl.atomic_add(red_ptr + rn, tl.sum(acc * z, axis=0), mask=n_ok)
         if HAS_COL:
             acc = acc * tl.load(col_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             if not BIAS_SCALED:
                 acc = acc + bias[None, :]
-        tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(out_ptr + rm64[:, None] * som + rn64[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products as torch's default (no TF32) unless the user allowed TF32
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _dot_precision(*dtypes: torch.dtype) -> tuple[bool, str]:
+    """(fp32 dot?, input_precision) of a dot whose operands have `dtypes`. fp32 operands: exact
+    fp32 products ("ieee", FMA) as torch's default unless the user allowed TF32; 16-bit
+    operands: 16-bit mma with fp32 accumulation (the precision string does not apply). The
+    interpreter runs every dot in fp32 (DESIGN.md: its 16-bit dots are wrong)."""
+    f32 = any(d == torch.float32 for d in dtypes)
+    if f32 and not torch.backends.cuda.matmul.allow_tf32:
+        return True, "ieee"
+    return f32 or interpreting(), "tf32"
 
 
 def _check(name: str, t: Optional[Tensor], shape: tuple, device: torch.device) -> None:
@@ -256,7 +391,9 @@ def fused_linear(
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Triton launcher with the signature of `fused_linear_ref`. `w` may be an `NF4KN`: the
-    4-bit weight is then decoded tile by tile inside the GEMM (read once, never expanded)."""
+    4-bit weight is then decoded tile by tile inside the GEMM (read once, never expanded) when
+    `nf4_decodes_in_gemm` (blocks aligned to W's rows, as in every transformer layer), else
+    expanded by nf4_dequantize first."""
     if not HAS_TRITON:
         raise RuntimeError("fused_linear needs triton; install it or use PEFT_FAST_BACKEND=torch")
     nf4 = w if isinstance(w, NF4KN) else None
@@ -282,21 +419,27 @@ def fused_linear(
     red = torch.zeros((N,), dtype=torch.float32, device=dev) if reduce_with is not None else None
     if M == 0 or N == 0:
         return out, pre, red
+    if nf4 is not None and not nf4_decodes_in_gemm(nf4.op):
+        # blocks that straddle rows of W: expand the weight once, then the dense GEMM
+        w_dense = nf4_dequantize(nf4.op)
+        nf4, w = None, (w_dense.t() if nf4.transpose else w_dense)
     dummy = out
     segs = list(segments) if has_lr else []
     masked = any(s.p > 0.0 for s in segs)
     if masked and (seeds is None or seeds.numel() < len(segs)):
         raise ValueError("fused_linear: masked low-rank segments need one seed each")
-    seg_ints, seg_scales = segment_table(segs, dev) if segs else (dummy, dummy)
+    seg_ints, seg_scales = segment_table(segs, dev) if segs else (_no_segments(dev), dummy)
     opt = lambda t: t if t is not None else dummy  # noqa: E731  (unused pointer slots)
     strides = lambda t: t.stride() if t is not None else (0, 0)  # noqa: E731
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
     if nf4 is not None:
-        q_args = (*nf4_kernel_args(nf4.op), nf4.op.blocksize, nf4.op.blocksize2)
-        w_t, (swk, swn) = dummy, nf4.element_strides()
+        q_args = (*nf4_kernel_args(nf4.op), nf4.op.blocksize, nf4.op.blocksize2, nf4.op.shape[1])
+        w_t, (swk, swn), w_dtype = dummy, nf4.element_strides(), x.dtype
     else:
-        q_args = (dummy,) * 6 + (1, 1)
-        w_t, (swk, swn) = w, w.stride()
+        q_args = (dummy,) * 6 + (1, 1, 1)
+        w_t, (swk, swn), w_dtype = w, w.stride(), w.dtype
+    f32_dot, dot_prec = _dot_precision(x.dtype, w_dtype)
+    lr_f32, lr_prec = _dot_precision(lr_left.dtype, lr_right.dtype) if segs else (f32_dot, dot_prec)
     _fused_linear_kernel[grid](
         x, w_t, out, opt(bias), opt(pro_scale), opt(col_scale), opt(pre), opt(red), opt(reduce_with),
         lr_left if segs else dummy, lr_right if segs else dummy, seg_ints, seg_scales,
@@ -304,13 +447,16 @@ def fused_linear(
         M, N, K, min(next_pow2(M, 16), 4096), len(segs),
         x.stride(0), x.stride(1), swk, swn, out.stride(0), out.stride(1),
         *strides(pre), *strides(reduce_with), *strides(lr_left if segs else None), *strides(lr_right if segs else None),
-        LR_MASK=masked, HAS_BIAS=bias is not None, BIAS_SCALED=bias_scaled, HAS_PRO=pro_scale is not None,
-        HAS_COL=col_scale is not None, STORE_PRE=store_pre, REDUCE=reduce_with is not None,
-        F32_DOT=interpreting() or x.dtype == torch.float32, DOT_PREC=_dot_precision(x.dtype),
+        HAS_LR=bool(segs), LR_MASK=masked, HAS_BIAS=bias is not None, BIAS_SCALED=bias_scaled,
+        HAS_PRO=pro_scale is not None, HAS_COL=col_scale is not None, STORE_PRE=store_pre,
+        REDUCE=reduce_with is not None, F32_DOT=f32_dot, DOT_PREC=dot_prec, LR_F32=lr_f32, LR_PREC=lr_prec,
         BR=min(next_pow2(max((s.rank for s in segs), default=1)), 64),
-        W_NF4=nf4 is not None, DOUBLE_QUANT=nf4 is not None and nf4.op.double_quant,
+        W_NF4=nf4 is not None, W_T=nf4 is not None and nf4.transpose,
+        DOUBLE_QUANT=nf4 is not None and nf4.op.double_quant,
+        # bitsandbytes rounds code2 * absmax2 before adding the offset: no fused multiply-add
+        enable_fp_fusion=nf4 is None,
     )
     return out, pre, red
 
 
-__all__ = ["Segment", "fused_linear", "fused_linear_ref", "get_fused_linear_configs", "keep_scale"]
+__all__ = ["Segment", "fused_linear", "nf4_decodes_in_gemm", "fused_linear_ref", "get_fused_linear_configs", "keep_scale"]

@@ -106,6 +106,34 @@ if HAS_TRITON:
             absmax = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
         return tl.load(code_ptr + nib, mask=ok, other=0.0) * absmax
 
+    @triton.jit
+    def nf4_code_select(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+        """code[nib] for int32 nibbles `nib` (any shape) from the 16 code values held as scalars:
+        a 4-level select tree in registers, so a GEMM tile needs no per-element table gather
+        (which Triton's pipeliner would stage as an fp32 tile in shared memory)."""
+        b = (nib & 1) != 0
+        v0, v1, v2, v3 = tl.where(b, c1, c0), tl.where(b, c3, c2), tl.where(b, c5, c4), tl.where(b, c7, c6)
+        v4, v5, v6, v7 = tl.where(b, c9, c8), tl.where(b, c11, c10), tl.where(b, c13, c12), tl.where(b, c15, c14)
+        b = (nib & 2) != 0
+        u0, u1, u2, u3 = tl.where(b, v1, v0), tl.where(b, v3, v2), tl.where(b, v5, v4), tl.where(b, v7, v6)
+        b = (nib & 4) != 0
+        t0, t1 = tl.where(b, u1, u0), tl.where(b, u3, u2)
+        return tl.where((nib & 8) != 0, t1, t0)
+
+    @triton.jit
+    def nf4_block_absmax(absmax_ptr, offset, absmax2_ptr, code2_ptr, blk, ok, blocksize2,
+                         DOUBLE_QUANT: tl.constexpr):
+        """fp32 absmax of the int64 block indices `blk` (a vector: one per block, not per
+        element). Double quantization: code2[q] * absmax2 rounded to fp32, then + offset (the
+        kernel is compiled without fused multiply-add, as bitsandbytes rounds twice)."""
+        if DOUBLE_QUANT:
+            qa = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+            am = tl.load(code2_ptr + qa, mask=ok, other=0.0) * tl.load(absmax2_ptr + blk // blocksize2, mask=ok,
+                                                                       other=0.0)
+            return am + offset
+        else:
+            return tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+
     @triton.autotune(configs=get_nf4_configs(), key=["n", "DOUBLE_QUANT"])
     @triton.jit
     def _nf4_dequant_kernel(
