@@ -103,7 +103,8 @@ def _shrink_rows(br: int, kind: str):  # (BM, BK, BRN, warps, stages)
     brn = min(br, 64)
     if kind == "16":
         return [(16, 64, brn, 4, 3), (64, 64, brn, 8, 3), (32, 64, brn, 4, 3)]
-    return [(32, 32, brn, 4, 3), (64, 32, brn, 8, 3), (16, 32, brn, 4, 3), (64, 64, brn, 8, 2)]
+    rows = [(32, 32, brn, 4, 3), (64, 32, brn, 8, 3), (16, 32, brn, 4, 3)]
+    return rows + [(64, 64, brn, 8, 2)] if kind == "tf32" else rows  # ieee BM64/BK64 spills on sm_80
 
 
 def _expand_rows(br: int, kind: str):  # (BM, BN, BK, warps), BK (rank chunk) <= BR
@@ -112,7 +113,7 @@ def _expand_rows(br: int, kind: str):  # (BM, BN, BK, warps), BK (rank chunk) <=
     elif kind == "tf32":
         rows = [(16, 64, 32, 4), (32, 64, 32, 4), (64, 64, 32, 8)]
     else:
-        rows = [(16, 64, 32, 4), (32, 64, 32, 8), (64, 64, 32, 8), (16, 128, 32, 4)]
+        rows = [(16, 64, 32, 4), (32, 64, 32, 8), (16, 128, 32, 4)]  # ieee fp32 (FMA dot): small tiles
     return [(bm, bn, min(bk, br), w) for bm, bn, bk, w in rows]
 
 
@@ -121,7 +122,7 @@ def _bgmv_rows(br: int):  # (BK, BN, warps)
         return [(64, 128, 4), (32, 64, 4), (64, 128, 8), (32, 128, 4)]
     if br == 128:
         return [(16, 64, 4), (32, 128, 8), (16, 128, 8), (64, 64, 8)]
-    return [(16, 64, 8), (16, 32, 8), (32, 64, 16), (16, 128, 8)]
+    return [(16, 64, 8), (16, 32, 8), (32, 64, 16)]
 
 
 def _select(rows_of, args, make):
