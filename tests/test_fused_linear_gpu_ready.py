@@ -112,7 +112,7 @@ _COMPILE_SCRIPT = textwrap.dedent(r'''
                             *((torch.zeros(1), torch.rand(nb // 256 + 1), torch.linspace(-1, 1, 256), 256) if dq else ()))
             w = fl.NF4KN(op, "wt" in case)
             xin = x if "wt" in case else torch.randn(M, N, dtype=dt)
-            if "reduce" in kw and "wt" not in case:
+            if "reduce_with" in kw and "wt" not in case:
                 kw["reduce_with"] = torch.randn(M, K, dtype=dt)
             if "bias" in kw and "wt" not in case:
                 kw["bias"] = torch.randn(K, dtype=dt)
