@@ -15,8 +15,18 @@ import os
 import platform
 import sys
 
-SETTINGS = ("PEFT_FAST_BACKEND", "PEFT_FAST_GEMM", "TRITON_INTERPRET", "PEFT_FAST_DISABLE_CPP",
-            "PEFT_FAST_TRAINER_INTEGRATION", "CUDA_VISIBLE_DEVICES")
+# the environment variables that change what peft_fast runs, each with what it does (one line)
+SETTING_HELP = {
+    "PEFT_FAST_BACKEND": "force the fused ops' backend: triton or torch (default: triton on CUDA or interpreted, else torch)",
+    "PEFT_FAST_GEMM": "force the GEMM path: triton, torch or nf4_fused (default: the fastest, measured per shape)",
+    "PEFT_FAST_PATH_STRICT": "1: a kernel that cannot launch (out of resources, compile error) raises instead of "
+                             "falling back to the next path",
+    "TRITON_INTERPRET": "1: run the Triton kernels on CPU through Triton's interpreter (slow; for tests)",
+    "PEFT_FAST_DISABLE_CPP": "1: do not use the C++/CUDA extension peft_fast._C (the torch fallback runs)",
+    "PEFT_FAST_TRAINER_INTEGRATION": "0: do not install the transformers Trainer integration on import",
+    "CUDA_VISIBLE_DEVICES": "which CUDA devices torch sees",
+}
+SETTINGS = tuple(SETTING_HELP)
 PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 FUSED_OPS = ("lora", "dora", "ia3", "qlora (nf4)")
 
@@ -162,8 +172,9 @@ def _print_rich(info: dict) -> None:
     t = Table(title="settings (environment variables)", title_justify="left")
     t.add_column("variable")
     t.add_column("value")
+    t.add_column("what it does")
     for k, v in info["settings"].items():
-        t.add_row(k, "[dim]unset[/]" if v is None else v)
+        t.add_row(k, "[dim]unset[/]" if v is None else v, SETTING_HELP.get(k, ""))
     console.print(t)
 
     t = Table(title="op paths (what each op runs for tensors on each device)", title_justify="left")
@@ -181,7 +192,8 @@ def _print_plain(info: dict) -> None:
     for section in ("versions", "backends", "settings"):
         print(f"\n{section}:")
         for k, v in info[section].items():
-            print(f"  {k:42s} {v}")
+            what = f"  ({SETTING_HELP[k]})" if section == "settings" and k in SETTING_HELP else ""
+            print(f"  {k:42s} {v}{what}")
     print("\ndevices:")
     for d in info["devices"]:
         print("  " + ", ".join(f"{k} {v}" for k, v in d.items()))
