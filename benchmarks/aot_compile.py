@@ -60,14 +60,30 @@ def plan(launches, targets, configs: str) -> list:
     return items
 
 
+def variants(launches) -> list:
+    """One launch per (kernel, constexpr meta-parameters, activation dtype): drops launches that
+    differ only in the dtypes of unused pointer slots, alignment or integer specialisation
+    (the CI subset; the full sweep keeps every distinct launch)."""
+    seen, out = set(), []
+    for launch in launches:
+        k = (launch.kernel, launch.dtype, tuple(sorted((n, repr(v)) for n, v in launch.kwargs.items())))
+        if k not in seen:
+            seen.add(k)
+            out.append(launch)
+    return out
+
+
 def run_sweep(targets=(80, 86, 89, 90, 120), dtypes=("fp32", "fp16", "bf16"), shapes=("real",), configs="all",
-              kernels=None, jobs=1, progress=True) -> list[dict]:
-    """Record the launches and compile them; returns one dict per compile (Result.row())."""
+              kernels=None, jobs=1, progress=True, dedupe="launch") -> list[dict]:
+    """Record the launches and compile them; returns one dict per compile (Result.row()).
+    dedupe: 'launch' (every distinct launch signature) or 'variant' (see `variants`)."""
     from aot_launches import record_launches
 
     global _LAUNCHES
     os.environ.pop("TRITON_INTERPRET", None)
     _LAUNCHES = record_launches(dtypes=dtypes, shapes=shapes)
+    if dedupe == "variant":
+        _LAUNCHES = variants(_LAUNCHES)
     if kernels:
         _LAUNCHES = [launch for launch in _LAUNCHES if launch.kernel in kernels]
     items = plan(_LAUNCHES, targets, configs)
@@ -213,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", choices=("all", "first"), default="all",
                     help="every config the autotuner may pick per target, or only its first")
     ap.add_argument("--kernels", default="", help="only these kernels (comma-separated names)")
+    ap.add_argument("--dedupe", choices=("launch", "variant"), default="launch",
+                    help="every distinct launch signature, or one per kernel x meta-parameters x dtype (CI)")
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "aot"))
     ap.add_argument("--label", default="", help="file label (default: triton<version>_<configs>)")
@@ -238,11 +256,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = run_sweep(targets=targets, dtypes=tuple(a.dtypes.split(",")), shapes=tuple(a.shapes.split(",")),
                      configs=a.configs, kernels=set(filter(None, a.kernels.split(","))), jobs=a.jobs,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, dedupe=a.dedupe)
     meta = {"triton": triton.__version__, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "targets": list(targets), "configs": a.configs, "shapes": a.shapes, "dtypes": a.dtypes,
-            "compiles": len(rows), "launches": len(_LAUNCHES), "jobs": a.jobs, "seconds": time.time() - t0,
+            "compiles": len(rows), "launches": len(_LAUNCHES), "dedupe": a.dedupe, "jobs": a.jobs, "seconds": time.time() - t0,
             "fail_on_spill": a.fail_on_spill}
     label = a.label or f"triton{triton.__version__}_{a.configs}"
     paths = write_results(rows, meta, a.out, label)
