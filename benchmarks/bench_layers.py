@@ -3,6 +3,9 @@
 A thin wrapper: the benchmark lives in `peft_fast.cli._bench_layers` (also run by
 `peft-fast bench --layers`); this script keeps its command line (Llama-3-8B layer shapes by
 default, rows appended to <out>/layers.csv) for benchmarks/gpu_suite.sh and bench_qlora.py.
+Results are written as cases finish (layers.csv and layers.json after every case; layers.png at
+the end, or at a SIGTERM such as `timeout`'s, which also exits 143); --time-budget counts from the
+process's start.
 
     python benchmarks/bench_layers.py --out benchmarks/results/gpu/h100
     python benchmarks/bench_layers.py --quick --out /tmp/bl
@@ -10,8 +13,12 @@ default, rows appended to <out>/layers.csv) for benchmarks/gpu_suite.sh and benc
 """
 from __future__ import annotations
 
-import os
-import sys
+import time
+
+_T_IMPORT = time.monotonic()  # before the heavy imports: --time-budget counts them
+
+import os  # noqa: E402
+import sys  # noqa: E402
 
 try:
     import peft_fast as _installed  # noqa: F401  (installed: pip install -e .)
@@ -26,6 +33,7 @@ from peft_fast.cli._bench_layers import (  # noqa: E402,F401  (re-exported for b
     QUICK_DEFAULTS,
     OneLinear,
     adapter_config,
+    budget_stop,
     build_providers,
     count_errors,
     main as _main,
@@ -50,7 +58,11 @@ from peft_fast.cli._bench_layers import (  # noqa: E402,F401  (re-exported for b
 
 
 def main(argv=None) -> list:
-    return _main(argv, prog=os.path.basename(__file__))
+    """--time-budget counts from the process's start when run as a script, else from this module's
+    import (a test or another script calling main())."""
+    if __name__ == "__main__":
+        return _main(argv, prog=os.path.basename(__file__))  # t0: the process's start
+    return _main(argv, prog=os.path.basename(__file__), t0=_T_IMPORT)
 
 
 if __name__ == "__main__":

@@ -70,18 +70,21 @@ Needs bitsandbytes (exit code 2 without it); imports without Triton.
 """
 from __future__ import annotations
 
-import argparse
-import gc
+import time
+
+_T_IMPORT = time.monotonic()  # before the heavy imports: --time-budget counts them
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
 import math
 import os
 import statistics
-import sys
-import time
-import traceback
-import warnings
+import sys  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
 
-import torch
-from torch import nn
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_layers import (  # noqa: E402  (shared per-layer plumbing)
@@ -95,7 +98,9 @@ from bench_layers import (  # noqa: E402  (shared per-layer plumbing)
     trainables,
 )
 from bench_qlora_report import num, plot, report  # noqa: E402
-from common import device_name, now, versions, write_rows  # noqa: E402
+from common import device_name, now, versions  # noqa: E402
+
+from peft_fast.cli._bench_common import RowWriter, process_start  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -116,6 +121,15 @@ B_PROVIDERS = ("bnb_base", "peft_bnb", "peft_fast", "peft_fast_dense")
 A_PROVIDERS = ("triton", "bnb", "torch_ref")
 C_PROVIDERS = ("peft_bnb", "peft_fast")
 C_RESERVE_S = 90  # with --time-budget, parts a and b stop this early to leave part c its time
+# Part c's time before anything is measured, per provider: "setup" (build the random 4-bit model,
+# get_peft_model, 3 untimed steps whose first compiles/autotunes what part b did not) and one timed
+# "step". PRIORS, not measurements: the full 1B model on a GPU is a guess (2048 tokens x 1.2B params
+# is ~1e13 FLOP a step, well under 0.1 s at H100/H200 rates; 0.5 s leaves room for the 4-bit
+# decode, the optimizer and a cold Triton cache); --quick is measured on a 2-core CPU (~0.5 s and
+# ~0.03 s). --c-min-s overrides the estimate. Part c also checks the budget as it goes (before the
+# second model, with the first one's setup as measured, and before every round of timed steps).
+C_PRIOR = {"full_cuda": {"setup_s": 15.0, "step_s": 0.5}, "full_cpu": {"setup_s": 60.0, "step_s": 20.0},
+           "quick": {"setup_s": 1.0, "step_s": 0.1}}
 COLUMNS = ("date", "device", "torch", "triton", "bitsandbytes", "peft", "transformers", "peft_fast", "part", "mode",
            "shape", "layer", "M", "r", "dtype", "double_quant", "provider", "median_ms", "p20_ms", "p80_ms",
            "GB_per_s", "frac_copy_bw", "speedup_vs_bnb_dequant", "ratio_vs_bnb_base", "ratio_vs_dense_lora",
@@ -166,6 +180,35 @@ def err_result(e: BaseException) -> dict:
 
 def out_of_time(args, reserve: float = 0.0) -> bool:
     return bool(args.time_budget) and time.monotonic() - args.t_start > args.time_budget - reserve
+
+
+def time_left(args) -> float:
+    """Seconds left of --time-budget (counted from the process's start); inf without a budget."""
+    return args.time_budget - (time.monotonic() - args.t_start) if args.time_budget else math.inf
+
+
+def left_text(args, left: float) -> str:
+    if left > 0:
+        return f"{left:.1f} s left of the {args.time_budget:g} s time budget"
+    return f"the {args.time_budget:g} s time budget spent ({args.time_budget - left:.1f} s from the process's start)"
+
+
+def c_prior(args) -> dict:
+    return C_PRIOR["quick" if args.quick else ("full_cuda" if args.device.type == "cuda" else "full_cpu")]
+
+
+def c_estimate(args) -> tuple[float, float, str]:
+    """(seconds part c needs at least: both models set up and one timed step each; seconds for all
+    --c-steps; where the numbers come from)."""
+    p = c_prior(args)
+    n = len(C_PROVIDERS)
+    full = n * (p["setup_s"] + args.c_steps * p["step_s"])
+    if args.c_min_s is not None:
+        return args.c_min_s, max(full, args.c_min_s), f"--c-min-s {args.c_min_s:g}"
+    kind = "--quick" if args.quick else f"the full model on {args.device.type}"
+    return (n * (p["setup_s"] + p["step_s"]), full,
+            f"a prior for {kind} ({p['setup_s']:g} s to build and warm up each model, {p['step_s']:g} s a step), "
+            "not measured on this device")
 
 
 def bnb_cpu_problem(device, model=None, x=None, shape=None):
@@ -509,9 +552,38 @@ def run_part_c(args, libs: dict, rows: list, meta: dict) -> None:
     meta["c_config"] = {**args.c_model, "seq": args.c_seq, "batch": args.c_batch, "dtype": args.dtype,
                         "gradient_checkpointing": args.grad_ckpt, "lora": f"r={args.rank} alpha={2 * args.rank} "
                         "dropout=0.05 all-linear", "optimizer": "AdamW(lr=1e-4)", "4bit": "nf4, double quant"}
+    shape = f"llama h{args.c_model['hidden_size']} L{args.c_model['num_hidden_layers']} " \
+            f"v{args.c_model['vocab_size']} seq{args.c_seq}xb{args.c_batch}"
+    mode = "train_step" + ("_gc" if args.grad_ckpt else "")
+    need, full_est, source = c_estimate(args)
+    left = time_left(args)
+    meta["c_estimate"] = {"min_s": round(need, 1), "all_steps_s": round(full_est, 1), "from": source}
+    if need > left:  # would not fit: say so in the rows instead of being killed at the cap
+        why = (f"skipped: {left_text(args, left)}, part c needs an "
+               f"estimated {need:.1f} s (both models built and warmed up, one timed step each; {full_est:.1f} s "
+               f"with {args.c_steps} steps), from {source}")
+        meta["c_skipped"] = why
+        print(f"part c: {why}", file=sys.stderr)
+        for prov in C_PROVIDERS:
+            rows.append(mk_row(args, part="c", mode=mode, shape=shape, layer="all-linear", M=ntok, r=args.rank,
+                               double_quant=1, provider=prov, median_ms="skipped", p20_ms="skipped",
+                               p80_ms="skipped", note=why))
+        return
     state, res, checks = {}, {}, {}
+    setup_s: dict = {}
     for prov in C_PROVIDERS:
         lib = libs["peft" if prov == "peft_bnb" else "peft_fast"]
+        if setup_s:  # the next model's setup, as the last one's was measured, and one step of each
+            est = max(setup_s.values()) + (len(state) + 1) * c_prior(args)["step_s"]
+            left = time_left(args)
+            if est > left:
+                why = (f"skipped: {left_text(args, left)}; building and "
+                       f"warming up this model is estimated at {max(setup_s.values()):.1f} s (measured: "
+                       + ", ".join(f"{k} {v:.1f} s" for k, v in setup_s.items()) + ")")
+                print(f"part c: {prov} {why}", file=sys.stderr)
+                res[prov] = {"status": "skipped", "note": why}
+                continue
+        t_setup = time.monotonic()
         free_cuda(dev)
         base_bytes = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         try:
@@ -540,6 +612,7 @@ def run_part_c(args, libs: dict, rows: list, meta: dict) -> None:
                 st["static_MiB"] = round(static / 2**20, 1)
             state[prov] = st
             res[prov] = {"status": "ok", "samples": []}
+            setup_s[prov] = time.monotonic() - t_setup
         except Exception as e:  # noqa: BLE001 - OOM or error for this provider only
             if not isinstance(e, OOM):
                 traceback.print_exc()
@@ -549,7 +622,15 @@ def run_part_c(args, libs: dict, rows: list, meta: dict) -> None:
             free_cuda(dev)
     if len(checks) == 2:
         meta["c_models_identical"] = checks["peft_bnb"] == checks["peft_fast"]
+    meta["c_setup_s"] = {k: round(v, 1) for k, v in setup_s.items()}
+    t_round = 0.0
     for k in range(args.c_steps):  # interleaved, the order alternating
+        if k and state and t_round > time_left(args):  # one step of each at least; then only rounds that fit
+            meta["c_truncated"] = (f"{k} of {args.c_steps} timed steps per model: the next round (~{t_round:.1f} s) "
+                                   f"would end after the {args.time_budget:g} s time budget")
+            print(f"part c: {meta['c_truncated']}", file=sys.stderr)
+            break
+        t0 = time.monotonic()
         order = list(state) if k % 2 == 0 else list(reversed(state))
         for prov in order:
             try:
@@ -560,8 +641,7 @@ def run_part_c(args, libs: dict, rows: list, meta: dict) -> None:
                 res[prov] = err_result(e)
                 state.pop(prov)
                 free_cuda(dev)
-    shape = f"llama h{args.c_model['hidden_size']} L{args.c_model['num_hidden_layers']} " \
-            f"v{args.c_model['vocab_size']} seq{args.c_seq}xb{args.c_batch}"
+        t_round = time.monotonic() - t0
     stats = {}
     for prov in C_PROVIDERS:
         s = res[prov].get("samples")
@@ -572,7 +652,7 @@ def run_part_c(args, libs: dict, rows: list, meta: dict) -> None:
     for prov in C_PROVIDERS:
         st = state.get(prov, {})
         t = stats.get(prov)
-        row = put_times(mk_row(args, part="c", mode="train_step" + ("_gc" if args.grad_ckpt else ""), shape=shape,
+        row = put_times(mk_row(args, part="c", mode=mode, shape=shape,
                                layer="all-linear", M=ntok, r=args.rank, double_quant=1, provider=prov),
                         res[prov] if t or res[prov]["status"] != "ok" else {"status": "error", "note": "no step timed"}, t)
         if t:
@@ -582,6 +662,7 @@ def run_part_c(args, libs: dict, rows: list, meta: dict) -> None:
                        speedup_vs_peft_bnb=ratio(stats.get("peft_bnb", {}).get("median"), t["median"]),
                        peak_mem_MiB=peak, mem_ratio_vs_peft_bnb=ratio(peak, ref_peak),
                        note=f"{st['n_params']} trainable params; {len(res[prov]['samples'])} steps"
+                       + (f" (of {args.c_steps}: time budget)" if "c_truncated" in meta else "")
                        + (f"; weights+adapters+optimizer {st['static_MiB']} MiB" if "static_MiB" in st else ""))
         rows.append(row)
     state.clear()
@@ -627,6 +708,10 @@ def parse_args(argv=None):
     ap.add_argument("--c-layers", type=int, default=None, help="part c decoder layers (16)")
     ap.add_argument("--c-steps", type=int, default=None, help="part c timed steps per provider (8; quick 3)")
     ap.add_argument("--grad-ckpt", action="store_true", help="part c: gradient checkpointing (use_reentrant=False)")
+    ap.add_argument("--c-min-s", type=float, default=None,
+                    help="with --time-budget: seconds part c needs at least (both models set up, one step each); "
+                         "it is skipped, with the reason in its rows, when less is left. Default: a prior "
+                         "(C_PRIOR: full model on CUDA 2 x (15 s + 0.5 s); --quick 2 x (1 s + 0.1 s))")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -636,8 +721,12 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="CPU timed reps (15; quick 5)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (quick on CPU: 1)")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help=f"seconds after which no new case starts; parts a, b stop {C_RESERVE_S} s early for part c")
-    ap.add_argument("--out", default=None, help="directory for qlora.csv (appended), qlora.json, qlora.png")
+                    help="seconds from the process's start after which no new case starts; parts a, b stop "
+                         f"min({C_RESERVE_S} s, 40%%) early for part c, which is skipped (rows say why) when its "
+                         "estimate does not fit and stops its timed steps when the next round would not")
+    ap.add_argument("--out", default=None,
+                    help="directory for qlora.csv (appended), qlora.json (both rewritten as rows finish), qlora.png "
+                         "(at the end, or at a SIGTERM: the rows so far are written and it exits 143)")
     args = ap.parse_args(argv)
     d = QUICK if args.quick else FULL
     args.shapes = args.shapes or d["shapes"]
@@ -694,13 +783,23 @@ def run(args) -> tuple[list, dict]:
         meta["device_props"] = {"sms": p.multi_processor_count, "memory_GiB": round(p.total_memory / 2**30, 1)}
     args.row_meta = {"date": meta["date"], "device": meta["device"],
                      **{k: vers.get(k) for k in ("torch", "triton", "bitsandbytes", "peft", "transformers", "peft_fast")}}
-    args.t_start = time.monotonic()
-    rows: list = []
+    if getattr(args, "t_start", None) is None:
+        args.t_start = time.monotonic()
+    if args.time_budget:
+        meta["time_budget_s"] = args.time_budget
+        meta["time_budget_clock"] = "from the process's start (imports included)"
+    writer = getattr(args, "writer", None)
+    if writer is not None:
+        writer.meta.update(meta)
+        meta = writer.meta
+        writer.finalize = add_path_choices
+    rows: list = LiveRows(writer)
     for part, fn in (("a", lambda: run_part_a(args, rows, meta)), ("b", lambda: run_part_b(args, libs, rows, meta)),
                      ("c", lambda: run_part_c(args, libs, rows, meta))):
         if part not in args.parts:
             continue
         t0 = time.monotonic()
+        args.current_part = f"part {part}"
         print(f"== part {part}", file=sys.stderr)
         try:
             fn()
@@ -710,13 +809,42 @@ def run(args) -> tuple[list, dict]:
                                note=f"{type(e).__name__}: {e}"[:300]))
         meta.setdefault("part_seconds", {})[part] = round(time.monotonic() - t0, 1)
         free_cuda(args.device)
+    args.current_part = ""
+    add_path_choices(meta)
+    if meta.get("truncated") or meta.get("c_skipped") or meta.get("c_truncated"):
+        meta["status"] = "truncated"
+    return list(rows), meta
+
+
+def add_path_choices(meta: dict) -> None:
+    import peft_fast
+
     try:
         import json  # the records hold tuples and may hold dtypes: JSON-safe copies
 
         meta["path_choices"] = json.loads(json.dumps(peft_fast.ops.path_choices(), default=str))
     except Exception as e:  # noqa: BLE001
         meta["path_choices"] = f"unavailable: {type(e).__name__}: {e}"
-    return rows, meta
+
+
+class LiveRows(list):
+    """The run's rows; each one appended also goes to the writer (CSV and JSON rewritten), so a
+    run killed at its cap keeps every finished row."""
+
+    def __init__(self, writer=None):
+        super().__init__()
+        self.writer = writer
+
+    def append(self, row) -> None:
+        super().append(row)
+        if self.writer is not None:
+            self.writer.add([row])
+
+    def extend(self, rows) -> None:
+        rows = list(rows)
+        super().extend(rows)
+        if self.writer is not None:
+            self.writer.add(rows)
 
 
 def main(argv=None) -> list:
@@ -727,15 +855,26 @@ def main(argv=None) -> list:
               "the GPU machine carry the wheel in wheels/ (see benchmarks/gpu_suite.sh).", file=sys.stderr)
         sys.exit(2)
     args = parse_args(argv)
+    # --time-budget counts from the process's start when run as a script, else from this module's import
+    args.t_start = process_start() if __name__ == "__main__" else _T_IMPORT
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, meta = run(args)
+    args.writer = None
+    if args.out:
+        args.writer = RowWriter(args.out, "qlora", {}, append=True, t0=args.t_start,
+                                plot=lambda path, rows, meta: plot(path, rows, args, meta))
+        args.writer.install_sigterm(lambda: getattr(args, "current_part", ""))
+    try:
+        rows, meta = run(args)
+    except BaseException:
+        if args.writer is not None:
+            args.writer.finish(status="error")  # the rows so far, with the meta known so far
+        raise
     report(rows, meta, args)
-    if args.out and rows:
-        csv_path, json_path = write_rows(args.out, "qlora", rows, meta)
-        png = os.path.join(args.out, "qlora.png")
-        wrote = plot(png, rows, args, meta)
-        print(f"wrote {csv_path}, {json_path}" + (f", {png}" if wrote else ""))
+    if args.writer is not None:
+        paths = args.writer.finish()  # the PNG, the path choices; puts the SIGTERM handler back
+        if rows:
+            print("wrote " + ", ".join(paths))
     errors = [r for r in rows if r["median_ms"] == "error"]
     if errors:
         print(f"{len(errors)} row(s) failed with an error (see `note`)", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from peft_fast.cli._bench_common import save_figure
 from peft_fast.cli._bench_report import print_table_lines
 
 
@@ -139,6 +140,6 @@ def plot(path: str, rows: list, args, meta: dict) -> bool:
         ax.set_title("\n".join(textwrap.wrap(f"{h}: {s} (target {tgt})", 42)), fontsize=7)
     fig.suptitle(f"QLoRA, {args.dtype} r={args.rank} — {meta['device']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)  # a temporary file renamed: never a half-written PNG
     plt.close(fig)
     return True

@@ -115,3 +115,90 @@ def test_bench_qlora_imports_without_triton_and_exits_2_without_bitsandbytes():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "needs bitsandbytes" in r.stderr
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("how", ["prior", "c_min_s"])
+def test_bench_qlora_part_c_skipped_when_its_estimate_does_not_fit(tmp_path, how):
+    """Part c checks the budget before it starts: too little left for its estimate (the --quick
+    prior, or --c-min-s) gives "skipped" rows that say how much was left, what was needed and where
+    the estimate comes from, instead of a step killed at its cap."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    bench = _load_bench(f"bench_qlora_c_skip_{how}")
+    extra = ["--time-budget", "1"] if how == "prior" else ["--time-budget", "600", "--c-min-s", "5000"]
+    rows = bench.main(["--quick", "--device", "cpu", "--parts", "c", *extra, "--out", str(tmp_path)])
+    assert [(r["part"], r["provider"], r["median_ms"]) for r in rows] == [("c", "peft_bnb", "skipped"),
+                                                                          ("c", "peft_fast", "skipped")]
+    note = rows[0]["note"]
+    if how == "prior":
+        assert "part c needs an estimated 2.2 s" in note and "a prior for --quick" in note, note
+        assert "not measured on this device" in note
+    else:
+        assert "left of the 600 s time budget" in note and "estimated 5000.0 s" in note and "--c-min-s" in note
+    assert [r["median_ms"] for r in _csv(tmp_path / "qlora.csv")] == ["skipped", "skipped"]
+    meta = json.loads((tmp_path / "qlora.json").read_text())["meta"]
+    assert meta["status"] == "truncated" and meta["c_skipped"] == note and "c_estimate" in meta
+
+
+def test_bench_qlora_part_c_checks_the_budget_as_it_goes(tmp_path, monkeypatch):
+    """Inside part c: the second model is skipped when the first one's measured setup would not fit
+    what is left; timed rounds stop (after one step each) when the next would not fit."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    bench = _load_bench("bench_qlora_c_as_it_goes")
+    argv = ["--quick", "--device", "cpu", "--parts", "c", "--time-budget", "600", "--c-steps", "4"]
+
+    left = iter([500.0, 0.0])  # the pre-check fits; nothing left before the second model
+    monkeypatch.setattr(bench, "time_left", lambda args: next(left, 0.0))
+    rows = {r["provider"]: r for r in bench.main(argv)}
+    assert float(rows["peft_bnb"]["median_ms"]) > 0 and "1 steps (of 4: time budget)" in rows["peft_bnb"]["note"]
+    assert rows["peft_fast"]["median_ms"] == "skipped"
+    assert "measured: peft_bnb" in rows["peft_fast"]["note"], rows["peft_fast"]["note"]
+
+    left = iter([500.0, 500.0, 500.0])  # both models; one round of timed steps fits, the next does not
+    monkeypatch.setattr(bench, "time_left", lambda args: next(left, 0.0))
+    rows = bench.main(argv + ["--out", str(tmp_path)])
+    assert {r["provider"] for r in rows} == {"peft_bnb", "peft_fast"}
+    for r in rows:
+        assert float(r["tokens_per_s"]) > 0 and "2 steps (of 4: time budget)" in r["note"], r
+    meta = json.loads((tmp_path / "qlora.json").read_text())["meta"]
+    assert meta["c_truncated"].startswith("2 of 4 timed steps") and set(meta["c_setup_s"]) == {"peft_bnb", "peft_fast"}
+
+
+def test_bench_qlora_killed_midway_keeps_the_finished_rows(tmp_path):
+    """SIGTERM (`timeout` at the step's cap) during the run: the finished rows are in qlora.csv,
+    the JSON says terminated, exit 143."""
+    import signal
+    import subprocess
+    import time
+
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    p = subprocess.Popen([sys.executable, BENCH, "--quick", "--device", "cpu", "--parts", "a", "b", "--reps", "40",
+                          "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "qlora.csv").exists():
+            assert p.poll() is None, f"finished before it could be stopped: {p.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "no row written in 240 s"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    rows = _csv(tmp_path / "qlora.csv")
+    assert rows and rows[0]["provider"] == "copy"
+    assert not [r for r in rows if r["part"] == "b" and r["mode"] == "decode"]  # stopped well before the end
+    js = json.loads((tmp_path / "qlora.json").read_text())
+    assert js["meta"]["status"] == "terminated" and len(js["rows"]) == len(rows), js["meta"]
+    assert "during part a" in js["meta"]["terminated"] or "during part b" in js["meta"]["terminated"]

@@ -60,7 +60,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._bench_common import bar_plot, device_name, now, quantiles, save_figure, versions, write_rows
+from ._bench_common import RowWriter, bar_plot, device_name, now, quantiles, save_figure, versions, write_rows
 
 PROVIDERS = ("base", "peft", "peft_fast")
 METHODS = ("lora", "dora", "ia3")
@@ -326,7 +326,27 @@ def load_libs() -> dict:
     return libs
 
 
-def run(args) -> tuple[list[dict], dict]:
+def budget_stop(args, elapsed: float, estimate: float, done: int, total: int):
+    """Why no further case should start under args.time_budget (None: go on). Stops when the budget
+    is spent, or when the next case, estimated to take `estimate` s, would end after it."""
+    if not args.time_budget:
+        return None
+    if elapsed >= args.time_budget:
+        return (f"time budget {args.time_budget:g} s spent ({elapsed:.1f} s from the process's start): "
+                f"{done} of {total} cases run")
+    if elapsed + estimate > args.time_budget:
+        return (f"time budget {args.time_budget:g} s: {done} of {total} cases run; the next case, estimated at "
+                f"{estimate:.1f} s from the last like it, would end at {elapsed + estimate:.1f} s")
+    return None
+
+
+def run(args, writer=None) -> tuple[list[dict], dict]:
+    """Every case; rows also go to writer.add() as each case finishes (writer: a RowWriter or None).
+
+    args.t_start: the time.monotonic() reading --time-budget counts from (default: now)."""
+    t_start = getattr(args, "t_start", None)
+    if t_start is None:
+        t_start = time.monotonic()
     warnings.filterwarnings("ignore")
     libs = load_libs()
     peft_fast = libs["peft_fast"]
@@ -340,9 +360,21 @@ def run(args) -> tuple[list[dict], dict]:
             "peak_mem": "max_memory_allocated during one fwd+bwd minus memory_allocated before it",
             "providers": list(args.providers),
             "note": "" if "peft" in libs else "peft not installed: peft_fast compared with the frozen base layer only"}
+    if args.time_budget:
+        meta["time_budget_s"] = args.time_budget
+        meta["time_budget_clock"] = "from the process's start (imports included)"
+
+    def finalize(m):  # which GEMM path (Triton kernel or cuBLAS composition) each op/shape ran, with timings
+        m["path_choices"] = [{**c, "key": list(c["key"])} for c in peft_fast.ops.path_choices()]
+
+    if writer is not None:
+        writer.meta.update(meta)
+        meta = writer.meta
+        writer.finalize = finalize
     args.row_meta = {"date": meta["date"], "device": meta["device"], "torch": vers["torch"], "triton": vers["triton"],
                      "peft": vers["peft"], "peft_fast": vers["peft_fast"]}
     cases = make_cases(args)
+    meta["cases_total"] = len(cases)
     try:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(cases), desc="layer cases", leave=False, disable=getattr(args, "no_progress", False))
@@ -350,14 +382,21 @@ def run(args) -> tuple[list[dict], dict]:
         bar = None
     rows: list[dict] = []
     key, models = None, None
-    t_start = time.monotonic()
+    last_first, last_next = 0.0, 0.0  # durations of the last case that built its models / reused them
+    args.current_case = ""
     for i, case in enumerate(cases):
-        if args.time_budget and time.monotonic() - t_start > args.time_budget:
-            meta["truncated"] = f"time budget {args.time_budget:g} s spent: {i} of {len(cases)} cases run"
-            print(f"warning: {meta['truncated']}", file=sys.stderr)
-            break
         k = (case["in"], case["out"], case["method"], case["r"])
-        if k != key:  # a new (shape, method, r): build the three providers once for all M
+        why = budget_stop(args, time.monotonic() - t_start, last_first if k != key else last_next, i, len(cases))
+        if why:
+            meta["truncated"] = why
+            meta["status"] = "truncated"
+            print(f"warning: {why}", file=sys.stderr)
+            break
+        t_case = time.monotonic()
+        args.current_case = f"case {i + 1} of {len(cases)}: {case['label']} {case['in']}x{case['out']} " \
+                            f"M={case['M']} r={case['r']}"
+        new_models = k != key
+        if new_models:  # a new (shape, method, r): build the three providers once for all M
             models = None
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -374,13 +413,24 @@ def run(args) -> tuple[list[dict], dict]:
         order = list(args.providers[i % n:] + args.providers[: i % n])  # rotate who goes first
         if bar is not None:
             bar.set_postfix_str(f"{case['label']} {case['in']}x{case['out']} M={case['M']} r={case['r']}")
-        rows.extend(run_case(models, case, order, args))
+        case_rows = run_case(models, case, order, args)
+        rows.extend(case_rows)
+        meta["cases_done"] = i + 1
+        args.current_case = f"the writing of case {i + 1} of {len(cases)}'s rows (finished)"
+        if writer is not None:
+            writer.add(case_rows)
+        args.current_case = f"nothing: case {i + 1} of {len(cases)} finished, the next not started"
+        dt = time.monotonic() - t_case
+        if new_models:
+            last_first = dt
+        else:
+            last_next = dt
         if bar is not None:
             bar.update(1)
+    args.current_case = ""
     if bar is not None:
         bar.close()
-    # which GEMM path (Triton kernel or cuBLAS composition) each op/shape ran, with timings
-    meta["path_choices"] = [{**c, "key": list(c["key"])} for c in peft_fast.ops.path_choices()]
+    finalize(meta)
     return rows, meta
 
 
@@ -493,8 +543,11 @@ def parse_args(argv=None, prog=None):
     ap.add_argument("--reps", type=int, default=None, help="CPU: timed reps (default 15, quick 5)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --quick on CPU)")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds after which no new case starts (the rows so far are still written)")
-    ap.add_argument("--out", default=None, help="directory for layers.csv (appended), layers.json, layers.png")
+                    help="seconds from the process's start after which no new case starts, nor one that the last "
+                         "case like it says would end after them (the rows so far are kept)")
+    ap.add_argument("--out", default=None,
+                    help="directory for layers.csv (appended), layers.json (both rewritten after every case), "
+                         "layers.png (at the end, or at a SIGTERM: the rows so far are written and it exits 143)")
     args = ap.parse_args(argv)
     d = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     args.shapes = args.shapes or d["shapes"]
@@ -526,15 +579,31 @@ def count_errors(rows: list[dict]) -> int:
     return sum(r["median_ms"] == "error" for r in rows)
 
 
-def main(argv=None, prog=None) -> list[dict]:
-    """The command line of benchmarks/bench_layers.py: rows are appended to <out>/layers.csv."""
+def main(argv=None, prog=None, t0=None) -> list[dict]:
+    """The command line of benchmarks/bench_layers.py: rows are appended to <out>/layers.csv, and
+    <out>/layers.csv and layers.json are rewritten after every case (a run killed at its cap keeps
+    its finished rows; SIGTERM also writes the PNG and exits 143). t0: the time.monotonic() reading
+    --time-budget counts from (default: this process's start)."""
+    from ._bench_common import process_start
+
     args = parse_args(argv, prog=prog)
+    args.t_start = process_start() if t0 is None else t0
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, meta = run(args)
+    writer = RowWriter(args.out, "layers", {}, append=True, plot=ratio_plot, t0=args.t_start) if args.out else None
+    if writer is not None:
+        writer.install_sigterm(lambda: getattr(args, "current_case", ""))
+    try:
+        rows, meta = run(args, writer)
+    except BaseException:
+        if writer is not None:
+            writer.finish(status="error")  # the rows so far, with the meta known so far
+        raise
     print_table(rows, meta)
-    if args.out and rows:
-        print("wrote " + ", ".join(write_outputs(args.out, rows, meta, append=True)))
+    if writer is not None:
+        paths = writer.finish()  # the PNG, the path choices in the JSON; puts the SIGTERM handler back
+        if rows:
+            print("wrote " + ", ".join(paths))
     if count_errors(rows):
         print(f"{count_errors(rows)} row(s) failed with an error (see `note`)", file=sys.stderr)
     return rows

@@ -17,7 +17,8 @@ import sys
 
 # the environment variables that change what peft_fast runs, each with what it does (one line)
 SETTING_HELP = {
-    "PEFT_FAST_BACKEND": "force the fused ops' backend: triton or torch (default: triton on CUDA or interpreted, else torch)",
+    "PEFT_FAST_BACKEND": "force the fused ops' backend: triton or torch "
+                         "(default: triton on CUDA or interpreted, else torch)",
     "PEFT_FAST_GEMM": "force the GEMM path: triton, torch or nf4_fused (default: the fastest, measured per shape)",
     "PEFT_FAST_PATH_STRICT": "1: a kernel that cannot launch (out of resources, compile error) raises instead of "
                              "falling back to the next path",
