@@ -53,7 +53,18 @@ case by case, the order rotated. A CUDA out-of-memory error becomes an "oom" row
 provider; any other error an "error" row (the run goes on and exits 1).
 
 Output (--out DIR): qlora.csv (rows appended), qlora.json (meta: versions, copy bandwidth,
-peft_fast.ops.path_choices(), ...; and the rows), qlora.png (headline ratios). A rich table
+peft_fast.ops.path_choices(), ...; and the rows), qlora.png (headline ratios). CSV and JSON are
+rewritten as each row finishes (a run killed at its cap keeps them; meta "status" says running,
+complete, truncated or terminated); the PNG is drawn at the end, or at a SIGTERM (`timeout`), which
+writes what there is and exits 143.
+
+Time budget (--time-budget, seconds from the process's start, imports included): parts a and b
+start no case after budget - min(90 s, 40%) (the rest is part c's). Part c is skipped, with
+"skipped" rows saying what was left, what it needed and where that estimate comes from, when its
+estimate does not fit (both models built and warmed up plus one timed step each: a prior per
+configuration, C_PRIOR, or --c-min-s); it skips its second model when the first one's measured
+setup would not fit what is left, and stops its timed steps (after one each) when the next round
+would not. A rich table
 prints the headlines: dequant fraction of copy bandwidth; QLoRA / dense LoRA and
 peft+bnb / QLoRA at the largest M, fwd+bwd; decode speed-up vs peft+bnb at the smallest M;
 part c peak memory and tokens/s, peft_fast vs peft+bnb.
