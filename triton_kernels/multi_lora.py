@@ -84,11 +84,12 @@ def lora_mixed_ref(
 # chunk of BRN columns per program), expand xa [BM, BK] @ B^T [BK, BN] summed over rank chunks of
 # BK, bgmv A [BR, BK] and B^T [BR, BN] in fp32 registers (one token per program; BR = next_pow2
 # of the rank, 16..256). Chunking the rank keeps the shrink/expand tiles independent of it (no
-# [BM, 256] fp32 accumulators). Lists are per BR and per dot kind; every one keeps >= 2 configs
-# that fit the shared memory of every target (sm_80 163 KB, sm_86/89/120 99 KB, sm_90 227 KB)
-# with no register spills (measured with triton.compile + ptxas for sm_80..sm_120, see
-# benchmarks/aot_compile.py), so one list serves all targets: `cc` is accepted for the
-# get_X_configs(cc, args) protocol of _triton.target_pruner.
+# [BM, 256] fp32 accumulators). Lists are per BR and per dot kind (16-bit, tf32, ieee fp32); each
+# has >= 3 configs, all measured (triton.compile + ptxas, triton 3.9 and 3.6, BR 16..256, fp32/
+# fp16/bf16, see benchmarks/aot_compile.py) to use <= 64 KB shared memory and spill nothing on
+# sm_80, sm_86, sm_89, sm_90 and sm_120 (the ieee fp32 FMA dots spill with larger tiles, the
+# bgmv register tiles with BK x BR > 32 x 128 on 4 warps), so one list serves every target:
+# `cc` is accepted for the get_X_configs(cc, args) protocol of _triton.target_pruner.
 _BRS = (16, 32, 64, 128, 256)
 
 
@@ -113,7 +114,7 @@ def _expand_rows(br: int, kind: str):  # (BM, BN, BK, warps), BK (rank chunk) <=
     elif kind == "tf32":
         rows = [(16, 64, 32, 4), (32, 64, 32, 4), (64, 64, 32, 8)]
     else:
-        rows = [(16, 64, 32, 4), (32, 64, 32, 8), (16, 128, 32, 4)]  # ieee fp32 (FMA dot): small tiles
+        rows = [(16, 64, 32, 4), (32, 64, 32, 8), (32, 32, 32, 4)]  # ieee fp32 (FMA dot): small tiles
     return [(bm, bn, min(bk, br), w) for bm, bn, bk, w in rows]
 
 
