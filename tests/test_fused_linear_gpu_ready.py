@@ -237,3 +237,45 @@ def test_nf4_decode_in_gemm_is_bit_exact(transpose, double_quant, dtype, shape, 
     eye = torch.eye(w.shape[0], dtype=dtype)
     out, _, _ = fused_linear(eye, w)
     assert torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Per-target config lists (no compile): every launch kind keeps >= 2 configs on every target,
+# each within the target's shared memory by the pipelined-loop estimate; the autotuner's
+# pruner keeps exactly the target's configs.
+# ------------------------------------------------------------------------------------------
+_KIND_ARGS = {
+    "16": dict(K=4096, N=4096, sxm=4096, sxk=1, swk=1, swn=4096),
+    "16s": dict(K=4096, N=4096, sxm=4096, sxk=1, swk=1, swn=4096, HAS_LR=True, LR_MASK=True),
+    "16u": dict(K=100, N=300, sxm=100, sxk=1, swk=1, swn=100),
+    "tf32": dict(F32_DOT=True, DOT_PREC="tf32"),
+    "ieee": dict(F32_DOT=True, DOT_PREC="ieee"),
+    "nf4t": dict(W_NF4=True, W_T=True, q_bs=64),
+    "nf4w": dict(W_NF4=True, W_T=False, q_bs=64),
+    "nf4w32": dict(W_NF4=True, W_T=False, q_bs=32),
+    "nf4f32": dict(W_NF4=True, W_T=True, q_bs=32, F32_DOT=True, DOT_PREC="ieee"),
+}
+
+
+@pytest.mark.parametrize("cc", [80, 86, 89, 90, 120])
+@pytest.mark.parametrize("kind", list(_KIND_ARGS))
+def test_every_launch_kind_keeps_two_configs_that_fit(cc, kind, monkeypatch):
+    from peft_fast.triton_kernels import _triton
+    from peft_fast.triton_kernels.fused_linear import _operand_kind, get_fused_linear_configs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = _KIND_ARGS[kind]
+    assert _operand_kind(args) == kind.replace("nf4w32", "nf4w")
+    cfgs = get_fused_linear_configs(cc, args)
+    assert len(cfgs) >= 2
+    elt = 4 if args.get("F32_DOT") else 2
+    for c in cfgs:
+        m = c.kwargs
+        smem = max(c.num_stages - 1, 1) * (m["BM"] + m["BN"]) * m["BK"] * elt
+        assert smem <= SMEM[cc], (kind, cc, c)
+        if args.get("W_NF4"):
+            assert (m["BK"] if args["W_T"] else m["BN"]) <= args["q_bs"]
+    monkeypatch.setattr(_triton, "device_capability", lambda device=None: cc)
+    everything = get_fused_linear_configs()
+    kept = _triton.target_pruner(get_fused_linear_configs)(everything, args)
+    assert sorted(_triton.config_key(c) for c in kept) == sorted(_triton.config_key(c) for c in cfgs)

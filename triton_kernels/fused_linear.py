@@ -115,13 +115,14 @@ def fused_linear_ref(
 # each fits its class's shared memory (the pipelined loop takes (stages - 1) * (BM + BN) * BK
 # elements) and none spills registers on sm_80..sm_90. Kinds:
 #   "16"    16-bit x and w, 16-bit (or no) adapters, 16-byte aligned rows: mma / wgmma.
-#   "16s"   16-bit, but dropout masks (Philox per element), fp32 adapters (FMA low-rank dot) or
-#           unaligned rows (scalar loads pipelined through registers): tiles of <= 32 fp32
-#           accumulator elements a thread.
+#   "16s"   16-bit, but dropout masks (Philox per element) or fp32 adapters (FMA low-rank dot):
+#           tiles of <= 32 fp32 accumulator elements a thread.
+#   "16u"   16-bit with unaligned rows (scalar loads pipelined through registers): small tiles.
 #   "tf32"  fp32 with TF32 allowed (tf32 mma); "ieee": fp32 exact products (FMA, by design: torch
 #           computes fp32 matmuls without TF32 unless allowed), operands in registers: small tiles.
 #   "nf4t", "nf4w"  4-bit weight decoded in the GEMM as W^T (forward) or W (dx): small M,
-#           BK (W^T) or BN (W) within one NF4 block.
+#           BK (W^T) or BN (W) within one NF4 block; "nf4f32": the same with fp32 activations
+#           (bitsandbytes' default compute dtype), whose FMA dot needs BK <= 32.
 _CONFIGS = {
     ("16", "227k"): [(128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (16, 128, 128, 1, 4, 4),
                      (16, 64, 256, 1, 4, 3)],
@@ -129,16 +130,17 @@ _CONFIGS = {
                      (16, 64, 256, 1, 4, 3)],
     ("16", "99k"): [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3), (16, 128, 64, 1, 4, 4),
                     (16, 64, 128, 1, 4, 4)],
-    ("16s", "any"): [(64, 128, 64, 8, 8, 3), (64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3), (16, 128, 64, 1, 4, 4),
-                     (16, 64, 128, 1, 4, 4)],
+    ("16s", "any"): [(64, 128, 64, 8, 8, 3), (64, 128, 32, 8, 8, 3), (16, 64, 64, 1, 4, 3), (16, 128, 32, 1, 4, 3)],
+    ("16u", "any"): [(32, 64, 32, 4, 4, 3), (16, 64, 64, 1, 4, 3), (16, 128, 32, 1, 4, 3), (16, 64, 64, 1, 4, 2)],
     ("tf32", "any"): [(64, 128, 32, 8, 8, 3), (32, 64, 32, 8, 4, 3), (16, 128, 32, 1, 4, 4)],
     ("ieee", "any"): [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 3), (32, 32, 32, 4, 4, 3), (16, 64, 32, 1, 4, 3)],
     ("nf4t", "any"): [(16, 64, 64, 1, 4, 4), (16, 128, 64, 1, 4, 4), (16, 64, 32, 1, 4, 4), (16, 32, 64, 1, 4, 4),
                       (16, 32, 32, 1, 4, 4)],
     ("nf4w", "any"): [(16, 64, 32, 1, 4, 4), (16, 64, 64, 1, 4, 2), (16, 32, 64, 1, 4, 3), (32, 64, 32, 1, 4, 3),
-                      (16, 32, 32, 1, 4, 4)],
+                      (16, 32, 32, 1, 4, 3)],
+    ("nf4f32", "any"): [(16, 64, 32, 1, 4, 3), (32, 32, 32, 1, 4, 3), (16, 32, 32, 1, 4, 3), (16, 64, 16, 1, 4, 3)],
 }
-_KINDS = ("16", "16s", "tf32", "ieee", "nf4t", "nf4w")
+_KINDS = ("16", "16s", "16u", "tf32", "ieee", "nf4t", "nf4w", "nf4f32")
 
 
 def _smem_class(cc: int) -> str:
@@ -154,10 +156,12 @@ def _aligned(args) -> bool:
 
 def _operand_kind(args) -> str:
     if args.get("W_NF4"):
-        return "nf4t" if args.get("W_T") else "nf4w"
+        return "nf4f32" if args.get("F32_DOT") else "nf4t" if args.get("W_T") else "nf4w"
     if args.get("F32_DOT"):
         return "tf32" if args.get("DOT_PREC") == "tf32" else "ieee"
-    if args.get("LR_MASK") or (args.get("HAS_LR") and args.get("LR_F32")) or not _aligned(args):
+    if not _aligned(args):
+        return "16u"
+    if args.get("LR_MASK") or (args.get("HAS_LR") and args.get("LR_F32")):
         return "16s"
     return "16"
 
