@@ -114,7 +114,7 @@ def config_name(cfg) -> str:
 
 # The tl.dot operands of each kernel: (pointer argument whose dtype the dot computes in, when the
 # dot runs). A 16-bit operand must give 16-bit tensor-core instructions; an fp32 operand must not
-# give tf32 ones while TF32 is off (torch's default; recording runs with it off).
+# give tf32 ones while TF32 is off (torch's default; Launch.tf32 records the setting the launcher saw).
 def _has_lr(a: dict) -> bool:
     return bool(a.get("HAS_LR", (a.get("N_SEG") or 0) > 0))
 
@@ -220,8 +220,7 @@ def compile_launch(launch, cc: int, cfg, rank: int = 0) -> Result:
     dots = set(filter(None, res.dots.split(",")))
     if any(d in dots and _PTX_TYPE[d] not in kinds for d in ("fp16", "bf16")):
         problems.append("no-16bit-mma")
-    import torch
-    if "fp32" in dots and "tf32" in kinds and not torch.backends.cuda.matmul.allow_tf32:
+    if "fp32" in dots and "tf32" in kinds and not launch.tf32:
         problems.append("tf32-not-allowed")
     res.problems = ";".join(problems)
     return res

@@ -34,11 +34,12 @@ class Launch:
     kwargs: dict  # keyword arguments of the launch (constexpr meta-parameters)
     scenario: str  # which op produced it, e.g. "lora_fwd/fp16/nf4_fused"
     dtype: str  # "fp32" | "fp16" | "bf16": the activations' dtype of the scenario
+    tf32: bool = False  # torch.backends.cuda.matmul.allow_tf32 while the launcher ran
     tags: set = field(default_factory=set)
 
     def key(self) -> tuple:
         """Identity for de-duplication: what Triton specialises a compiled kernel on."""
-        return (self.kernel, tuple((k, _spec(v)) for k, v in self.args.items()),
+        return (self.kernel, self.tf32, tuple((k, _spec(v)) for k, v in self.args.items()),
                 tuple(sorted((k, _spec(v)) for k, v in self.kwargs.items())))
 
 
@@ -78,6 +79,7 @@ def _recording(sink: list, scenario: list) -> Iterator[None]:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
             bound = dict(zip(names, args))
             sink.append(Launch(kernel=fn.fn.__name__, fn=self, scenario=scenario[0], dtype=scenario[1],
+                               tf32=torch.backends.cuda.matmul.allow_tf32,
                                args={k: _stand_in(v) for k, v in bound.items()},
                                kwargs={k: _stand_in(v) for k, v in kwargs.items()}))
             return None
@@ -200,29 +202,38 @@ def _scenarios(dtype_name: str, shapes: dict, adapter_dtype_name: str):
 
 
 def record_launches(dtypes=("fp32", "fp16", "bf16"), shapes=("real",), mixed_adapters: bool = True,
-                    progress=None) -> list[Launch]:
+                    tf32: bool = True, progress=None) -> list[Launch]:
     """Every distinct launch of every kernel for the given activation dtypes and shape sets.
     With mixed_adapters, 16-bit activations also run with fp32 adapters (autocast-free
-    16-bit models keep fp32 LoRA weights in PEFT's autocast_adapter_dtype default)."""
+    16-bit models keep fp32 LoRA weights in PEFT's autocast_adapter_dtype default). With tf32,
+    the fp32 cases run a second time with torch.backends.cuda.matmul.allow_tf32 = True."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("record_launches needs TRITON_INTERPRET unset (launchers pick interpreter configs)")
     launches: list[Launch] = []
     current = ["", ""]
-    combos = [(d, d) for d in dtypes]
+    combos = [(d, d, False) for d in dtypes]
     if mixed_adapters:
-        combos += [(d, "fp32") for d in dtypes if d != "fp32"]
+        combos += [(d, "fp32", False) for d in dtypes if d != "fp32"]
+    if tf32:
+        combos += [(d, a, True) for d, a, _ in combos if "fp32" in (d, a)]
     torch.manual_seed(0)
+    allow = torch.backends.cuda.matmul.allow_tf32
     with _recording(launches, current), _env(PEFT_FAST_BACKEND=None):
-        for shape_name in shapes:
-            for dname, aname in combos:
-                for name, thunk in _scenarios(dname, SHAPES[shape_name], aname):
-                    gemm = name.split("/")[1] if "/" in name else None
-                    current[0] = f"{name}/{dname}" + (f"+{aname} adapters" if aname != dname else "") + f"/{shape_name}"
-                    current[1] = dname
-                    with _env(PEFT_FAST_GEMM=gemm):
-                        thunk()
-                    if progress is not None:
-                        progress(current[0])
+        try:
+            for shape_name in shapes:
+                for dname, aname, tf in combos:
+                    torch.backends.cuda.matmul.allow_tf32 = tf
+                    for name, thunk in _scenarios(dname, SHAPES[shape_name], aname):
+                        gemm = name.split("/")[1] if "/" in name else None
+                        current[0] = (f"{name}/{dname}" + (f"+{aname} adapters" if aname != dname else "")
+                                      + ("/tf32" if tf else "") + f"/{shape_name}")
+                        current[1] = dname
+                        with _env(PEFT_FAST_GEMM=gemm):
+                            thunk()
+                        if progress is not None:
+                            progress(current[0])
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow
     seen, unique = set(), []
     for launch in launches:
         k = launch.key()
