@@ -74,14 +74,14 @@ def variants(launches) -> list:
 
 
 def run_sweep(targets=(80, 86, 89, 90, 120), dtypes=("fp32", "fp16", "bf16"), shapes=("real",), configs="all",
-              kernels=None, jobs=1, progress=True, dedupe="launch") -> list[dict]:
+              kernels=None, jobs=1, progress=True, dedupe="launch", tf32=True) -> list[dict]:
     """Record the launches and compile them; returns one dict per compile (Result.row()).
     dedupe: 'launch' (every distinct launch signature) or 'variant' (see `variants`)."""
     from aot_launches import record_launches
 
     global _LAUNCHES
     os.environ.pop("TRITON_INTERPRET", None)
-    _LAUNCHES = record_launches(dtypes=dtypes, shapes=shapes)
+    _LAUNCHES = record_launches(dtypes=dtypes, shapes=shapes, tf32=tf32)
     if dedupe == "variant":
         _LAUNCHES = variants(_LAUNCHES)
     if kernels:
@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", choices=("all", "first"), default="all",
                     help="every config the autotuner may pick per target, or only its first")
     ap.add_argument("--kernels", default="", help="only these kernels (comma-separated names)")
+    ap.add_argument("--no-tf32", action="store_true", help="skip the fp32 launches recorded with TF32 allowed")
     ap.add_argument("--dedupe", choices=("launch", "variant"), default="launch",
                     help="every distinct launch signature, or one per kernel x meta-parameters x dtype (CI)")
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = run_sweep(targets=targets, dtypes=tuple(a.dtypes.split(",")), shapes=tuple(a.shapes.split(",")),
                      configs=a.configs, kernels=set(filter(None, a.kernels.split(","))), jobs=a.jobs,
-                     progress=not a.no_progress, dedupe=a.dedupe)
+                     progress=not a.no_progress, dedupe=a.dedupe, tf32=not a.no_tf32)
     meta = {"triton": triton.__version__, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "targets": list(targets), "configs": a.configs, "shapes": a.shapes, "dtypes": a.dtypes,
