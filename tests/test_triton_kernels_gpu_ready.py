@@ -205,3 +205,62 @@ def test_dora_weight_norm_fp32_accurate(w_dtype, a_dtype, r):
     rel = ((got.double() - ref64).abs() / ref64).max().item()
     assert rel < 1e-5, rel
     assert_kernel_close(got, ref64, dora_weight_norm_ref(W, A, B, 0.9), "dora norm")
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-target launch configs
+# ------------------------------------------------------------------------------------------------
+TARGETS = (80, 86, 89, 90, 120)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _keys(cfgs):
+    from peft_fast.triton_kernels._triton import config_key
+
+    return [config_key(c) for c in cfgs]
+
+
+def _launches():
+    """(getter name, args) for every launch the lora/dora/colsum launchers can make."""
+    from peft_fast.triton_kernels.lora import _dot_args
+
+    out = []
+    for op, x_arg in (("get_lora_shrink_configs", "x_ptr"), ("get_lora_grad_a_configs", "x_ptr")):
+        for xd in DTYPES:
+            for ad in DTYPES:
+                for br in (16, 32, 64):
+                    for tf32 in (False, True):
+                        saved = torch.backends.cuda.matmul.allow_tf32
+                        torch.backends.cuda.matmul.allow_tf32 = tf32
+                        try:
+                            dot = _dot_args(ad)
+                        finally:
+                            torch.backends.cuda.matmul.allow_tf32 = saved
+                        out.append(("lora", op, dict(dot, BR=br, **{x_arg: torch.empty(0, dtype=xd)},
+                                                     a_ptr=torch.empty(0, dtype=ad))))
+    for wd in DTYPES:
+        for ad in DTYPES:
+            for br in (16, 32, 64, 128, 256):
+                dot16 = wd == ad and ad != torch.float32
+                out.append(("dora", "get_dora_norm_configs", dict(BR=br, DOT16=dot16, w_ptr=torch.empty(0, dtype=wd),
+                                                                    a_ptr=torch.empty(0, dtype=ad))))
+    for d in DTYPES:
+        out.append(("colsum", "get_colsum_configs", dict(a_ptr=torch.empty(0, dtype=d), b_ptr=torch.empty(0, dtype=d))))
+    return out
+
+
+def test_every_launch_keeps_two_configs_per_target(monkeypatch):
+    """For each target and launch (kind, dtype, BR), >= 2 configs, all in the autotuner's list."""
+    import importlib
+
+    mods = {m: importlib.import_module(f"peft_fast.triton_kernels.{m}") for m in ("lora", "dora", "colsum")}
+    for m in mods.values():
+        monkeypatch.setattr(m, "interpreting", lambda: False)
+    for mod, getter, args in _launches():
+        get = getattr(mods[mod], getter)
+        union = set(_keys(get()))
+        for cc in TARGETS:
+            cfgs = get(cc, args)
+            assert len(cfgs) >= 2, (getter, cc, args)
+            assert set(_keys(cfgs)) <= union, (getter, cc, args)
+            assert len(set(_keys(cfgs))) == len(cfgs)

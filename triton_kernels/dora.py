@@ -117,19 +117,36 @@ def dora_bwd_ref(
 # Triton: the factored row norm in one pass over W (read in its own dtype, fp32 accumulation,
 # no fp32 copy of W): acc_wa = W A^T and ||W||^2 per row, then the two row dots in the epilogue.
 # ----------------------------------------------------------------------------------------------
-from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton  # noqa: E402
+from ._triton import HAS_TRITON, interpreting, next_pow2, target_pruner, tl, triton  # noqa: E402
+from .lora import table_configs  # noqa: E402
 
 
-def get_dora_norm_configs():
+# Launch configs, as lora.py's tables: (BN, BK, num_warps, num_stages, largest BR, shared memory in
+# KB up to that BR with a 16-bit W, with an fp32 W), per dot kind ("16": W and A in one 16-bit
+# dtype, tensor-core dot; "32": the exact fp32 dot). Measured for sm_80/86/89/90/120 with ptxas
+# (triton 3.9): no spills within each row's BR. The [BN, BR] fp32 accumulator and the [BK, BR]
+# A tile grow with the rank, so BR = 128..256 keeps to BN * BK <= 512 (the previous (64, 64) and
+# (32, 128) tiles spilled 14-88 KB per thread at r = 256).
+_NORM_TABLE = {
+    "16": [(16, 32, 4, 3, 256, 34, 34), (16, 64, 4, 3, 256, 68, 68), (32, 32, 4, 3, 128, 20, 20),
+           (32, 64, 4, 3, 128, 40, 40), (64, 32, 8, 3, 128, 32, 32), (64, 128, 8, 3, 64, 80, 80)],
+    "32": [(16, 32, 8, 3, 256, 68, 68), (32, 16, 8, 3, 256, 36, 36), (32, 32, 8, 3, 256, 72, 72),
+           (16, 16, 4, 3, 256, 34, 34), (16, 32, 4, 3, 128, 36, 36), (64, 32, 8, 3, 128, 48, 48),
+           (16, 64, 4, 3, 64, 40, 40), (32, 32, 4, 3, 64, 24, 24)],
+}
+
+
+def get_dora_norm_configs(cc=None, args=None):
+    """Configs of _dora_norm_kernel (see _triton.py: per-target launch configs)."""
     if interpreting():
         return [triton.Config({"BN": 16, "BK": 32}, num_warps=4)]
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=3)
-            for bn, bk, w in ((32, 128, 4), (64, 64, 4), (64, 128, 8), (16, 256, 4))]
+    return table_configs(_NORM_TABLE, ("BN", "BK"), cc, args, lambda a: "16" if a.get("DOT16") else "32", "w_ptr")
 
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=get_dora_norm_configs(), key=["N", "K", "BR"])
+    @triton.autotune(configs=get_dora_norm_configs(), key=["N", "K", "BR", "DOT16"],
+                     prune_configs_by={"early_config_prune": target_pruner(get_dora_norm_configs)})
     @triton.jit
     def _dora_norm_kernel(
         # pointers: W [N, K] (strided), A [r, K], B [N, r], BAA = B (A A^T) [N, r] fp32, sqnorm [N] fp32, out [N]

@@ -136,8 +136,8 @@ def lora_bwd_ref(
 #   grad_A:  dA = c * g^T (keep(x) x)                         [r, K]
 # The base product and the expand live in fused_linear.py.
 # ----------------------------------------------------------------------------------------------
-from ._triton import HAS_TRITON, interpreting, keep_scale, keep_threshold, next_pow2  # noqa: E402
-from ._triton import philox_keep_mask_ref, tl, triton  # noqa: E402
+from ._triton import HAS_TRITON, SMEM_PER_BLOCK, interpreting, keep_scale, keep_threshold, next_pow2  # noqa: E402
+from ._triton import philox_keep_mask_ref, target_pruner, tl, triton  # noqa: E402
 
 
 def lora_shrink_ref(
@@ -169,17 +169,83 @@ def lora_grad_a_ref(
     return ((g.t() @ xl) * scale).to(out_dtype)
 
 
-def get_lora_configs():
+# Launch configs per dot kind ("16": 16-bit tensor-core dot; "tf32"; "ieee": fp32 FMA dot), one
+# row per config: (BM, BK, num_warps, num_stages, largest BR it may run, shared memory in KB with a
+# 16-bit x, with an fp32 x (None: not with such an x)), the shared memory being the most any
+# target needs up to that BR. Measured by compiling for sm_80/86/89/90/120 with ptxas (triton 3.9, the
+# launchers' argument types, dropout on): no row spills registers on any target within its BR
+# (the Philox mask of the [BM, BK] x tile and the [BM, BR] fp32 accumulator share the registers,
+# so large tiles are kept to small ranks); rows are dropped per target by shared memory. Every
+# (kind, BR <= 64, x dtype, target) keeps at least two configs.
+_SHRINK_TABLE = {
+    "16": [(64, 64, 8, 3, 64, 48, 64), (32, 64, 4, 3, 64, 28, 36), (64, 64, 4, 3, 32, 36, 52),
+           (128, 64, 4, 3, 32, 52, 92), (128, 64, 8, 3, 64, 72, 104), (64, 128, 8, 3, 64, 96, 120),
+           (128, 128, 8, 3, 32, 120, None)],
+    "tf32": [(32, 32, 4, 4, 64, 40, 40), (32, 64, 4, 3, 64, 56, 56), (64, 32, 4, 3, 32, 36, 36),
+             (128, 32, 8, 3, 64, 72, 72), (64, 64, 4, 3, 32, 64, 64)],
+    "ieee": [(32, 32, 4, 4, 64, 40, 40), (32, 16, 4, 4, 64, 20, 20), (32, 64, 8, 3, 64, 56, 56),
+             (64, 32, 8, 3, 64, 40, 40), (64, 64, 8, 3, 64, 80, 80), (32, 64, 4, 3, 32, 40, 40),
+             (64, 32, 4, 3, 32, 32, 32), (128, 32, 8, 3, 32, 56, 56), (64, 64, 4, 3, 16, 56, 56)],
+}
+# grad_A: BM is the reduced (token) dimension, BK the output columns; the fp32 FMA dot of an
+# fp32 g with a 16-bit x (fp32 adapters on a 16-bit base, TF32 off) spills at the shrink's tiles,
+# hence the small-BM rows.
+_GRAD_A_TABLE = {
+    "16": [(64, 64, 4, 3, 64, 48, 64), (64, 32, 4, 3, 64, 36, 44), (32, 64, 4, 3, 64, 24, 32),
+           (128, 64, 4, 3, 32, 64, 96), (64, 128, 4, 3, 32, 56, None), (128, 128, 8, 3, 64, 144, None)],
+    "tf32": [(32, 32, 4, 4, 64, 48, 48), (32, 64, 4, 3, 64, 48, 48), (64, 32, 4, 3, 64, 72, 72),
+             (64, 64, 4, 3, 64, 96, 96), (128, 32, 8, 3, 32, 80, 80)],
+    "ieee": [(16, 32, 4, 4, 64, 20, 20), (16, 64, 8, 3, 64, 20, 20), (32, 32, 8, 3, 64, 28, 28),
+             (32, 64, 8, 3, 64, 40, 40), (32, 32, 4, 4, 64, 40, 40), (16, 64, 4, 3, 32, 16, 16),
+             (32, 64, 4, 3, 32, 32, 32), (64, 32, 4, 3, 16, 24, 32), (128, 32, 8, 3, 32, None, 80),
+             (64, 64, 4, 3, 32, None, 64)],
+}
+
+
+def table_configs(table: dict, keys, cc, args, kind, x_arg: str, br_arg: str = "BR"):
+    """The triton.Configs of `table` (kind -> rows as above, `keys` naming the two block sizes)
+    for compute capability `cc` (None: the union over every target), narrowed by a launch's
+    named arguments `args`: its dot kind `kind(args)`, BR and the dtype of the `x_arg` pointer."""
+    smem = None if cc is None else SMEM_PER_BLOCK.get(cc, min(SMEM_PER_BLOCK.values()))
+    kinds = list(table) if not args else [kind(args)]
+    br = args.get(br_arg) if args else None
+    xd = getattr(args.get(x_arg), "dtype", None) if args else None
+    x32 = xd is not None and xd not in (torch.float16, torch.bfloat16)
+    out, seen = [], set()
+    for k in kinds:
+        for b0, b1, w, st, max_br, kb16, kb32 in table[k]:
+            kb = kb32 if x32 else kb16
+            if kb is None or (cc is not None and kb * 1024 > smem) or (br is not None and br > max_br):
+                continue
+            if (b0, b1, w, st) not in seen:
+                seen.add((b0, b1, w, st))
+                out.append(triton.Config({keys[0]: b0, keys[1]: b1}, num_warps=w, num_stages=st))
+    return out
+
+
+def _lora_kind(args) -> str:
+    return "16" if not args.get("F32_DOT", True) else args.get("DOT_PREC", "ieee")
+
+
+def get_lora_shrink_configs(cc=None, args=None):
+    """Configs of _lora_shrink_kernel (see _triton.py: per-target launch configs)."""
     if interpreting():
         return [triton.Config({"BM": 32, "BK": 32}, num_warps=4)]
-    return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3))]
+    return table_configs(_SHRINK_TABLE, ("BM", "BK"), cc, args, _lora_kind, "x_ptr")
+
+
+def get_lora_grad_a_configs(cc=None, args=None):
+    """Configs of _lora_grad_a_kernel (BM: the reduced rows, BK: the output columns)."""
+    if interpreting():
+        return [triton.Config({"BM": 32, "BK": 32}, num_warps=4)]
+    return table_configs(_GRAD_A_TABLE, ("BM", "BK"), cc, args, _lora_kind, "x_ptr")
 
 
 if HAS_TRITON:
     from ._triton import keep_mask
 
-    @triton.autotune(configs=get_lora_configs(), key=["M_BUCKET", "K", "BR"])
+    @triton.autotune(configs=get_lora_shrink_configs(), key=["M_BUCKET", "K", "BR", "DOT_PREC"],
+                     prune_configs_by={"early_config_prune": target_pruner(get_lora_shrink_configs)})
     @triton.jit
     def _lora_shrink_kernel(
         # pointers
@@ -215,7 +281,9 @@ if HAS_TRITON:
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * som + rr[None, :] * sor, (acc * scale).to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rr[None, :] < R))
 
-    @triton.autotune(configs=get_lora_configs(), key=["M_BUCKET", "K", "BR", "SPLIT"], reset_to_zero=["out_ptr"])
+    @triton.autotune(configs=get_lora_grad_a_configs(), key=["M_BUCKET", "K", "BR", "SPLIT", "DOT_PREC"],
+                     reset_to_zero=["out_ptr"],
+                     prune_configs_by={"early_config_prune": target_pruner(get_lora_grad_a_configs)})
     @triton.jit
     def _lora_grad_a_kernel(
         # pointers
