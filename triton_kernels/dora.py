@@ -124,7 +124,7 @@ from .lora import table_configs  # noqa: E402
 # Launch configs, as lora.py's tables: (BN, BK, num_warps, num_stages, largest BR, shared memory in
 # KB up to that BR with a 16-bit W, with an fp32 W), per dot kind ("16": W and A in one 16-bit
 # dtype, tensor-core dot; "32": the exact fp32 dot). Measured for sm_80/86/89/90/120 with ptxas
-# (triton 3.9): no spills within each row's BR. The [BN, BR] fp32 accumulator and the [BK, BR]
+# (triton 3.9, and 3.6 for sm_80/86/90/120): no spills within each row's BR. The [BN, BR] fp32 accumulator and the [BK, BR]
 # A tile grow with the rank, so BR = 128..256 keeps to BN * BK <= 512 (the previous (64, 64) and
 # (32, 128) tiles spilled 14-88 KB per thread at r = 256).
 _NORM_TABLE = {

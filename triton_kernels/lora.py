@@ -172,8 +172,9 @@ def lora_grad_a_ref(
 # Launch configs per dot kind ("16": 16-bit tensor-core dot; "tf32"; "ieee": fp32 FMA dot), one
 # row per config: (BM, BK, num_warps, num_stages, largest BR it may run, shared memory in KB with a
 # 16-bit x, with an fp32 x (None: not with such an x)), the shared memory being the most any
-# target needs up to that BR. Measured by compiling for sm_80/86/89/90/120 with ptxas (triton 3.9, the
-# launchers' argument types, dropout on): no row spills registers on any target within its BR
+# target needs up to that BR. Measured by compiling for sm_80/86/89/90/120 with ptxas (triton 3.9,
+# and 3.6 for sm_80/86/90/120; the launchers' argument types, dropout on; every row at its largest
+# BR, with a 16-bit and an fp32 x): no row spills registers on any target within its BR
 # (the Philox mask of the [BM, BK] x tile and the [BM, BR] fp32 accumulator share the registers,
 # so large tiles are kept to small ranks); rows are dropped per target by shared memory. Every
 # (kind, BR <= 64, x dtype, target) keeps at least two configs.
@@ -185,7 +186,7 @@ _SHRINK_TABLE = {
              (128, 32, 8, 3, 64, 72, 72), (64, 64, 4, 3, 32, 64, 64)],
     "ieee": [(32, 32, 4, 4, 64, 40, 40), (32, 16, 4, 4, 64, 20, 20), (32, 64, 8, 3, 64, 56, 56),
              (64, 32, 8, 3, 64, 40, 40), (64, 64, 8, 3, 64, 80, 80), (32, 64, 4, 3, 32, 40, 40),
-             (64, 32, 4, 3, 32, 32, 32), (128, 32, 8, 3, 32, 56, 56), (64, 64, 4, 3, 16, 56, 56)],
+             (64, 32, 4, 3, 32, 32, 32), (128, 32, 8, 3, 32, 56, 56)],
 }
 # grad_A: BM is the reduced (token) dimension, BK the output columns; the fp32 FMA dot of an
 # fp32 g with a 16-bit x (fp32 adapters on a 16-bit base, TF32 off) spills at the shrink's tiles,
