@@ -247,6 +247,7 @@ def test_nf4_decode_in_gemm_is_bit_exact(transpose, double_quant, dtype, shape, 
 _KIND_ARGS = {
     "16": dict(K=4096, N=4096, sxm=4096, sxk=1, swk=1, swn=4096),
     "16s": dict(K=4096, N=4096, sxm=4096, sxk=1, swk=1, swn=4096, HAS_LR=True, LR_MASK=True),
+    "16f": dict(K=4096, N=4096, sxm=4096, sxk=1, swk=1, swn=4096, HAS_LR=True, LR_F32=True, LR_PREC="ieee"),
     "16u": dict(K=100, N=300, sxm=100, sxk=1, swk=1, swn=100),
     "tf32": dict(F32_DOT=True, DOT_PREC="tf32"),
     "ieee": dict(F32_DOT=True, DOT_PREC="ieee"),

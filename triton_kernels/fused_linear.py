@@ -117,6 +117,8 @@ def fused_linear_ref(
 #   "16"    16-bit x and w, 16-bit (or no) adapters, 16-byte aligned rows: mma / wgmma.
 #   "16s"   16-bit, but dropout masks (Philox per element) or fp32 adapters (FMA low-rank dot):
 #           tiles of <= 32 fp32 accumulator elements a thread.
+#   "16f"   16-bit with fp32 adapters and exact fp32 low-rank products (FMA): smaller tiles still
+#           (64x128 spills 40 B on sm_86/sm_89 with dropout masks).
 #   "16u"   16-bit with unaligned rows (scalar loads pipelined through registers): small tiles.
 #   "tf32"  fp32 with TF32 allowed (tf32 mma); "ieee": fp32 exact products (FMA, by design: torch
 #           computes fp32 matmuls without TF32 unless allowed), operands in registers: small tiles.
@@ -131,16 +133,17 @@ _CONFIGS = {
     ("16", "99k"): [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3), (16, 128, 64, 1, 4, 4),
                     (16, 64, 128, 1, 4, 4)],
     ("16s", "any"): [(64, 128, 64, 8, 8, 3), (64, 128, 32, 8, 8, 3), (16, 64, 64, 1, 4, 3), (16, 128, 32, 1, 4, 3)],
+    ("16f", "any"): [(32, 64, 32, 8, 4, 3), (16, 64, 64, 1, 4, 3), (16, 128, 32, 1, 4, 3)],
     ("16u", "any"): [(32, 64, 32, 4, 4, 3), (16, 64, 64, 1, 4, 3), (16, 128, 32, 1, 4, 3), (16, 64, 64, 1, 4, 2)],
     ("tf32", "any"): [(64, 128, 32, 8, 8, 3), (32, 64, 32, 8, 4, 3), (16, 128, 32, 1, 4, 4)],
-    ("ieee", "any"): [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 3), (32, 32, 32, 4, 4, 3), (16, 64, 32, 1, 4, 3)],
+    ("ieee", "any"): [(32, 64, 32, 8, 4, 3), (64, 64, 32, 8, 8, 3), (32, 32, 32, 4, 4, 3), (16, 64, 32, 1, 4, 3)],
     ("nf4t", "any"): [(16, 64, 64, 1, 4, 4), (16, 128, 64, 1, 4, 4), (16, 64, 32, 1, 4, 4), (16, 32, 64, 1, 4, 4),
                       (16, 32, 32, 1, 4, 4)],
     ("nf4w", "any"): [(16, 64, 32, 1, 4, 4), (16, 64, 64, 1, 4, 2), (16, 32, 64, 1, 4, 3), (32, 64, 32, 1, 4, 3),
                       (32, 32, 32, 1, 4, 3)],
     ("nf4f32", "any"): [(16, 64, 32, 1, 4, 3), (32, 32, 32, 1, 4, 3), (16, 32, 32, 1, 4, 3), (16, 64, 16, 1, 4, 3)],
 }
-_KINDS = ("16", "16s", "16u", "tf32", "ieee", "nf4t", "nf4w", "nf4f32")
+_KINDS = ("16", "16s", "16f", "16u", "tf32", "ieee", "nf4t", "nf4w", "nf4f32")
 
 
 def _smem_class(cc: int) -> str:
@@ -161,6 +164,8 @@ def _operand_kind(args) -> str:
         return "tf32" if args.get("DOT_PREC") == "tf32" else "ieee"
     if not _aligned(args):
         return "16u"
+    if args.get("HAS_LR") and args.get("LR_F32") and args.get("LR_PREC") != "tf32":
+        return "16f"
     if args.get("LR_MASK") or (args.get("HAS_LR") and args.get("LR_F32")):
         return "16s"
     return "16"
