@@ -38,13 +38,15 @@
 #                       kernel that cannot launch fails its test instead of passing on the torch
 #                       fallback (_path.py)
 #   bench_layers.py     --time-budget: SUITE_BUDGET_S minus the time spent and the QLoRA bench's
-#                       share (its budget + 30 s); cap: that + 60 s (a case started just before
-#                       the budget ends still runs: autotuning a new shape can take ~30 s)
+#                       share (its budget + 30 s), counted from its process start; it starts no
+#                       case the last like it says would end after the budget; cap: that + 60 s
 #   bench_qlora.py      --time-budget SUITE_QLORA_BUDGET_S (110 s; less if less is left before
 #                       SUITE_BUDGET_S), of which 40% (at most 90 s) is kept for its part c (the
-#                       1B-model training step, which itself checks no budget); cap: that + 60 s
+#                       1B-model training step: skipped with a recorded reason when its estimate
+#                       does not fit, cut short between rounds of timed steps); cap: that + 60 s
 #   bench_multi_lora.py (SUITE_MULTI=1) cap SUITE_MULTI_TIMEOUT_S (150 s); it has no soft budget
-# A step killed at its cap writes no CSV of its own; its log and the other steps' files remain.
+# The benches rewrite their CSV/JSON after every finished case and, on the SIGTERM of a step's cap,
+# write what they have (JSON status "terminated", PNG) and exit 143: a capped step keeps its rows.
 #
 # Results, RES=${SUITE_RESULTS_DIR:-benchmarks/results/gpu/<device-name-slug>}:
 #   env.txt  suite_summary.json
