@@ -37,7 +37,8 @@ class Result:
     shared: int = -1  # bytes per block
     smem_limit: int = 0
     regs: int = -1
-    spill: int = -1  # local memory bytes per thread (stack frame: spills)
+    stack: int = -1  # stack frame + local memory bytes per thread (cuobjdump)
+    spill: int = -1  # spill-store bytes per thread (ptxas -v; 0 when the frame is empty)
     mma: str = ""  # tensor-core kinds found, e.g. "mma.f16", "wgmma.bf16", "mma.tf32"
     dots: str = ""  # dtypes of the launch's dot operands, e.g. "fp16,fp32" (see DOTS)
     seconds: float = 0.0
@@ -112,20 +113,28 @@ def config_name(cfg) -> str:
     return f"{meta},w={cfg.num_warps},s={cfg.num_stages}"
 
 
-# The tl.dot operands of each kernel: (pointer argument whose dtype the dot computes in, when the
-# dot runs). A 16-bit operand must give 16-bit tensor-core instructions; an fp32 operand must not
-# give tf32 ones while TF32 is off (torch's default; Launch.tf32 records the setting the launcher saw).
-def _has_lr(a: dict) -> bool:
-    return bool(a.get("HAS_LR", (a.get("N_SEG") or 0) > 0))
+# The dtypes each kernel's tl.dot calls compute in, from the launch's arguments. A 16-bit dot must
+# give 16-bit tensor-core instructions; an fp32 one must not give tf32 ones while TF32 is off
+# (torch's default; Launch.tf32 records the setting the launcher saw).
+def _dt(t) -> str:
+    return {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(getattr(t, "dtype", "")), "fp32")
+
+
+def _fused_linear_dots(a: dict) -> list:
+    base = "fp32" if a.get("F32_DOT") else _dt(a["x_ptr"])
+    if not a.get("HAS_LR", (a.get("N_SEG") or 0) > 0):
+        return [base]
+    return [base, "fp32" if a.get("LR_F32") else _dt(a["l_ptr"])]
 
 
 DOTS = {
-    "_fused_linear_kernel": [("x_ptr", lambda a: True), ("l_ptr", _has_lr)],
-    "_lora_shrink_kernel": [("a_ptr", lambda a: True)],
-    "_lora_grad_a_kernel": [("g_ptr", lambda a: True)],
-    "_sgmv_shrink_kernel": [("a_ptr", lambda a: True)],
-    "_sgmv_expand_kernel": [("b_ptr", lambda a: True)],
-    "_dora_norm_kernel": [("fp32", lambda a: True)],  # fp32 norm by design (see dora.py)
+    "_fused_linear_kernel": _fused_linear_dots,  # base product, low-rank product
+    "_lora_shrink_kernel": lambda a: [_dt(a["a_ptr"])],  # x rounded to A's dtype
+    "_lora_grad_a_kernel": lambda a: [_dt(a["g_ptr"])],
+    "_sgmv_shrink_kernel": lambda a: [_dt(a["a_ptr"])],
+    "_sgmv_expand_kernel": lambda a: [_dt(a["b_ptr"])],  # xa cast to B's dtype
+    # W A^T: 16-bit mma when W and A share a 16-bit dtype, else an exact fp32 dot (see dora.py)
+    "_dora_norm_kernel": lambda a: [_dt(a["w_ptr"]) if a.get("DOT16") else "fp32"],
 }
 
 
@@ -134,17 +143,8 @@ def expected_dots(launch) -> list[str]:
     override = getattr(launch, "expect_dots", None)
     if override is not None:
         return list(override)
-    named = dict(launch.args, **launch.kwargs)
-    out = []
-    for ptr, when in DOTS.get(launch.kernel, []):
-        if not when(named):
-            continue
-        if ptr == "fp32":
-            out.append("fp32")
-            continue
-        t = named.get(ptr)
-        out.append({"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(getattr(t, "dtype", "")), "fp32"))
-    return out
+    rule = DOTS.get(launch.kernel)
+    return rule(dict(launch.args, **launch.kwargs)) if rule else []
 
 
 _PTX_TYPE = {"fp16": "f16", "bf16": "bf16"}
@@ -171,7 +171,7 @@ def _cuobjdump() -> Optional[str]:
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, local bytes) per thread of the first function in a cubin."""
+    """(registers, stack + local bytes) per thread of the first function in a cubin."""
     tool = _cuobjdump()
     if tool is None:
         return -1, -1
@@ -182,8 +182,24 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     regs = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
     local = re.search(r"LOCAL:(\d+)", out)
-    spill = max(int(stack.group(1)) if stack else 0, int(local.group(1)) if local else 0)
-    return (int(regs.group(1)) if regs else -1), spill
+    frame = max(int(stack.group(1)) if stack else 0, int(local.group(1)) if local else 0)
+    return (int(regs.group(1)) if regs else -1), frame
+
+
+def spill_bytes(ptx: str, cc: int, enable_fp_fusion: bool = True) -> int:
+    """Spill stores (bytes per thread) as ptxas -v reports them for this PTX and target: a stack
+    frame can also hold non-spill data, so a frame > 0 is settled by asking ptxas. -1 if unknown."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(cc).path, "-v", "-lineinfo", *([] if enable_fp_fusion else ["--fmad=false"]),
+               f"--gpu-name={sm_arch_from_capability(cc)}", src, "-o", os.path.join(d, "k.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.findall(r"(\d+) bytes spill stores", proc.stdout + proc.stderr)
+    return max(map(int, found)) if found else -1
 
 
 def compile_launch(launch, cc: int, cfg, rank: int = 0) -> Result:
@@ -209,12 +225,13 @@ def compile_launch(launch, cc: int, cfg, rank: int = 0) -> Result:
     res.seconds = time.perf_counter() - t0
     res.ok = True
     res.shared = int(kernel.metadata.shared)
-    res.regs, res.spill = resource_usage(kernel.asm["cubin"])
+    res.regs, res.stack = resource_usage(kernel.asm["cubin"])
+    res.spill = 0 if res.stack == 0 else spill_bytes(kernel.asm["ptx"], cc, kernel.metadata.enable_fp_fusion)
     res.mma = mma_kinds(kernel.asm["ptx"])
     problems = []
     if res.shared > res.smem_limit:
         problems.append("smem")
-    if res.spill > 0:
+    if res.spill > 0 or (res.spill < 0 and res.stack > 0):  # unknown spill count with a frame: assume spills
         problems.append("spill")
     kinds = {k.split(".")[1] for k in res.mma.split(",") if k}
     dots = set(filter(None, res.dots.split(",")))
