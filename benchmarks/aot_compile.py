@@ -46,8 +46,49 @@ def _work(item):
     return compile_launch(_LAUNCHES[idx], cc, cfg, rank).row()
 
 
+def _run_item(item):
+    return _work(item)  # looked up at call time in the (forked) worker
+
+
+def _crashed(item, why: str) -> dict:
+    """The row of a compile whose process died (an LLVM/ptxas abort takes the process with it)."""
+    from aot_compile_core import SMEM_LIMIT, Result, config_name
+
+    idx, cc, cfg, rank = item
+    launch = _LAUNCHES[idx]
+    return Result(kernel=launch.kernel, scenario=launch.scenario, dtype=launch.dtype, target=cc,
+                  config=config_name(cfg), config_rank=rank, ok=False, error=why, smem_limit=SMEM_LIMIT.get(cc, 0),
+                  problems="compile").row()
+
+
+def _compile_all(items, jobs: int, on_row) -> None:
+    """Compile in forked worker processes. A worker killed by a compiler abort breaks the pool:
+    the unfinished items are then compiled one process each, and the one that dies again gets
+    a 'compile' row naming the crash, instead of the sweep hanging or dying."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context("fork")
+    left = dict(enumerate(items))
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as ex:
+            futs = {ex.submit(_run_item, item): i for i, item in left.items()}
+            for f in as_completed(futs):
+                on_row(f.result())
+                left.pop(futs[f])
+    except BrokenProcessPool:
+        for item in list(left.values()):
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+                try:
+                    row = ex.submit(_run_item, item).result()
+                except BrokenProcessPool:
+                    row = _crashed(item, "compiler process died (abort or signal): see stderr above")
+            on_row(row)
+
+
 def plan(launches, targets, configs: str) -> list:
-    """(launch index, target, config, rank) for every compile of the sweep."""
+    """(launch index, target, config, rank) for every compile of the sweep, the autotuner's
+    first configs of every target first (a sweep cut short still covers them)."""
     from aot_compile_core import target_configs
 
     items = []
@@ -57,7 +98,7 @@ def plan(launches, targets, configs: str) -> list:
             if configs == "first":
                 cfgs = cfgs[:1]
             items += [(i, cc, cfg, r) for r, cfg in enumerate(cfgs)]
-    return items
+    return sorted(items, key=lambda it: it[3])
 
 
 def variants(launches) -> list:
@@ -74,9 +115,17 @@ def variants(launches) -> list:
 
 
 def run_sweep(targets=(80, 86, 89, 90, 120), dtypes=("fp32", "fp16", "bf16"), shapes=("real",), configs="all",
-              kernels=None, jobs=1, progress=True, dedupe="launch", tf32=True) -> list[dict]:
+              kernels=None, jobs=1, progress=True, dedupe="launch", tf32=True, partial_csv=None) -> list[dict]:
     """Record the launches and compile them; returns one dict per compile (Result.row()).
-    dedupe: 'launch' (every distinct launch signature) or 'variant' (see `variants`)."""
+    dedupe: 'launch' (every distinct launch signature) or 'variant' (see `variants`).
+    Raises ValueError naming an unknown target, dtype, shape set or kernel."""
+    from aot_compile_core import SMEM_LIMIT
+    from aot_launches import DTYPES, SHAPES
+
+    for what, vals, known in (("target", targets, SMEM_LIMIT), ("dtype", dtypes, DTYPES), ("shape set", shapes, SHAPES)):
+        bad = [v for v in vals if v not in known]
+        if bad or not vals:
+            raise ValueError(f"unknown {what} {bad or vals!r}; known: {', '.join(map(str, known))}")
     from aot_launches import record_launches
 
     global _LAUNCHES
@@ -85,6 +134,9 @@ def run_sweep(targets=(80, 86, 89, 90, 120), dtypes=("fp32", "fp16", "bf16"), sh
     if dedupe == "variant":
         _LAUNCHES = variants(_LAUNCHES)
     if kernels:
+        known = {launch.kernel for launch in _LAUNCHES}
+        if set(kernels) - known:
+            raise ValueError(f"unknown kernel(s) {sorted(set(kernels) - known)}; recorded kernels: {', '.join(sorted(known))}")
         _LAUNCHES = [launch for launch in _LAUNCHES if launch.kernel in kernels]
     items = plan(_LAUNCHES, targets, configs)
     bar = None
@@ -92,18 +144,32 @@ def run_sweep(targets=(80, 86, 89, 90, 120), dtypes=("fp32", "fp16", "bf16"), sh
         from tqdm import tqdm
         bar = tqdm(total=len(items), desc="compiling", unit="kernel", mininterval=2, file=sys.stderr)
     rows = []
-    if jobs > 1:
-        with mp.get_context("fork").Pool(jobs) as pool:
-            for row in pool.imap_unordered(_work, items, chunksize=2):
-                rows.append(row)
-                bar and bar.update()
-    else:
-        for item in items:
-            rows.append(_work(item))
-            bar and bar.update()
+
+    def on_row(row):
+        rows.append(row)
+        bar and bar.update()
+        if partial_csv and len(rows) % 250 == 0:  # a killed sweep keeps what it compiled
+            _write_csv(sorted(rows, key=_order), partial_csv)
+
+    _compile_all(items, jobs, on_row)
     bar and bar.close()
-    rows.sort(key=lambda r: (r["kernel"], r["scenario"], r["target"], r["config_rank"]))
+    rows.sort(key=_order)
     return rows
+
+
+def _order(r):
+    return (r["kernel"], r["scenario"], r["target"], r["config_rank"])
+
+
+def _write_csv(rows, path) -> None:
+    import csv
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["kernel"])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def failures(rows, fail_on_spill: bool = False) -> list[dict]:
@@ -169,7 +235,7 @@ def _plot(summ, path, title) -> None:
 
     kernels = sorted({s["kernel"] for s in summ})
     targets = sorted({s["target"] for s in summ}, key=lambda t: int(t[3:]))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(targets), 0.9 + 0.45 * len(kernels)))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 + 1.4 * len(targets)), 1.2 + 0.45 * len(kernels)))
     by = {(s["kernel"], s["target"]): s for s in summ}
     for yi, k in enumerate(kernels):
         for xi, t in enumerate(targets):
@@ -194,8 +260,6 @@ def _plot(summ, path, title) -> None:
 
 
 def write_results(rows, meta, out_dir, label) -> dict:
-    import csv
-
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"aot_{label}")
     summ = summary(rows)
@@ -203,12 +267,7 @@ def write_results(rows, meta, out_dir, label) -> dict:
     meta = dict(meta, problems=len(bad), spilling=sum("spill" in r["problems"] for r in rows),
                 failed=sum("compile" in r["problems"] for r in rows))
     paths = {}
-    tmp = stem + ".csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["kernel"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, stem + ".csv")
+    _write_csv(rows, stem + ".csv")
     paths["csv"] = stem + ".csv"
     with open(stem + ".json.tmp", "w") as f:
         json.dump({"meta": meta, "summary": summ}, f, indent=1)
@@ -222,10 +281,13 @@ def write_results(rows, meta, out_dir, label) -> dict:
 
 
 def main(argv=None) -> int:
+    from aot_compile_core import SMEM_LIMIT, TARGETS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="80,86,89,90,120", help="compute capabilities, comma-separated")
+    ap.add_argument("--targets", default=",".join(map(str, TARGETS)),
+                    help=f"compute capabilities, comma-separated, of {', '.join(map(str, SMEM_LIMIT))}")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16")
-    ap.add_argument("--shapes", default="real,odd", help="shape sets of aot_launches.SHAPES (real, odd)")
+    ap.add_argument("--shapes", default="real", help="shape sets of aot_launches.SHAPES: real, odd (unaligned)")
     ap.add_argument("--configs", choices=("all", "first"), default="all",
                     help="every config the autotuner may pick per target, or only its first")
     ap.add_argument("--kernels", default="", help="only these kernels (comma-separated names)")
@@ -234,7 +296,8 @@ def main(argv=None) -> int:
                     help="every distinct launch signature, or one per kernel x meta-parameters x dtype (CI)")
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "aot"))
-    ap.add_argument("--label", default="", help="file label (default: triton<version>_<configs>)")
+    ap.add_argument("--label", default="",
+                    help="file label (default: triton<version>_<configs>_<shapes>[_variant][_partial])")
     ap.add_argument("--check", action="store_true", help="exit 1 if any problem (spills only with --fail-on-spill)")
     ap.add_argument("--fail-on-spill", action="store_true")
     ap.add_argument("--triton-path", default="",
@@ -253,17 +316,28 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    targets = tuple(int(t) for t in a.targets.split(","))
+    try:
+        targets = tuple(int(t) for t in a.targets.split(","))
+    except ValueError:
+        ap.error(f"--targets {a.targets!r}: expected compute capabilities like 80,86,89,90,120")
+    dtypes, shapes = tuple(a.dtypes.split(",")), tuple(a.shapes.split(","))
+    kernels = set(filter(None, a.kernels.split(",")))
+    partial = bool(kernels) or set(targets) != set(TARGETS) or set(dtypes) != {"fp32", "fp16", "bf16"} or a.no_tf32
+    label = a.label or (f"triton{triton.__version__}_{a.configs}_{'-'.join(shapes)}"
+                        + (f"_{a.dedupe}" if a.dedupe != "launch" else "") + ("_partial" if partial else ""))
+    os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    rows = run_sweep(targets=targets, dtypes=tuple(a.dtypes.split(",")), shapes=tuple(a.shapes.split(",")),
-                     configs=a.configs, kernels=set(filter(None, a.kernels.split(","))), jobs=a.jobs,
-                     progress=not a.no_progress, dedupe=a.dedupe, tf32=not a.no_tf32)
+    try:
+        rows = run_sweep(targets=targets, dtypes=dtypes, shapes=shapes, configs=a.configs, kernels=kernels,
+                         jobs=a.jobs, progress=not a.no_progress, dedupe=a.dedupe, tf32=not a.no_tf32,
+                         partial_csv=os.path.join(a.out, f"aot_{label}.csv"))
+    except ValueError as e:
+        ap.error(str(e))
     meta = {"triton": triton.__version__, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "targets": list(targets), "configs": a.configs, "shapes": a.shapes, "dtypes": a.dtypes,
             "compiles": len(rows), "launches": len(_LAUNCHES), "dedupe": a.dedupe, "jobs": a.jobs, "seconds": time.time() - t0,
             "fail_on_spill": a.fail_on_spill}
-    label = a.label or f"triton{triton.__version__}_{a.configs}"
     paths = write_results(rows, meta, a.out, label)
     bad = failures(rows, a.fail_on_spill)
     with open(paths["md"]) as f:

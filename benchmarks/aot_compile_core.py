@@ -18,10 +18,10 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
-TARGETS = tuple(SMEM_LIMIT)
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+TARGETS = (80, 86, 89, 90, 120)  # the default sweep: A100, RTX 30xx, RTX 40xx/L4, H100/H200, RTX 50xx
 
 
 @dataclass
@@ -235,7 +235,9 @@ def compile_launch(launch, cc: int, cfg, rank: int = 0) -> Result:
         problems.append("spill")
     kinds = {k.split(".")[1] for k in res.mma.split(",") if k}
     dots = set(filter(None, res.dots.split(",")))
-    if any(d in dots and _PTX_TYPE[d] not in kinds for d in ("fp16", "bf16")):
+    # every 16-bit dtype asked for has its mma; tf32 with no fp32 dot means a 16-bit dot was widened
+    if any(d in dots and _PTX_TYPE[d] not in kinds for d in ("fp16", "bf16")) or \
+            ("tf32" in kinds and dots and "fp32" not in dots):
         problems.append("no-16bit-mma")
     if "fp32" in dots and "tf32" in kinds and not launch.tf32:
         problems.append("tf32-not-allowed")

@@ -48,6 +48,16 @@ def _dot_kernel(a_ptr, b_ptr, c_ptr, K, WIDEN: tl.constexpr, PREC: tl.constexpr,
 
 
 @triton.jit
+def _two_dots_kernel(a_ptr, c_ptr, BM: tl.constexpr):
+    # two 16-bit dots, the second widened to fp32 (tf32): the fused_linear low-rank regression class
+    r = tl.arange(0, BM)
+    a = tl.load(a_ptr + r[:, None] * BM + r[None, :])
+    acc = tl.dot(a, a)
+    acc = tl.dot(a.to(tl.float32), a.to(tl.float32), acc=acc, input_precision="tf32")
+    tl.store(c_ptr + r[:, None] * BM + r[None, :], acc)
+
+
+@triton.jit
 def _loop_bound_from_pointer_kernel(seg_ptr, out_ptr, BR: tl.constexpr):
     # the IA3 defect of issue #13: a loop bound loaded through a pointer that is not int
     rank = tl.load(seg_ptr)
@@ -100,6 +110,13 @@ def test_widened_16bit_dot_is_reported():
     assert r.ok and r.problems == "no-16bit-mma" and "tf32" in r.mma, r
 
 
+def test_a_widened_second_16bit_dot_is_reported_beside_a_sound_one():
+    launch = _launch(_two_dots_kernel, torch.float16, ["fp16", "fp16"], a_ptr=torch.empty(16, dtype=torch.float16),
+                     c_ptr=torch.empty(16), BM=64)
+    r = compile_launch(launch, 86, _cfg())
+    assert r.ok and "mma.f16" in r.mma and "mma.tf32" in r.mma and r.problems == "no-16bit-mma", r
+
+
 def test_tf32_dot_on_fp32_operands_is_reported_while_tf32_is_off():
     assert not torch.backends.cuda.matmul.allow_tf32
     r = compile_launch(_dot(torch.float32, False, "tf32"), 86, _cfg())
@@ -132,6 +149,39 @@ def test_register_spills_are_reported():
     assert r.ok and r.spill > 0 and "spill" in r.problems, r
 
 
+def test_a_compiler_abort_does_not_hang_or_lose_the_sweep(monkeypatch):
+    """An LLVM/ptxas abort kills its worker process: the sweep goes on and reports that compile."""
+    launch = _launch(_loop_bound_from_pointer_kernel, torch.float16, [], seg_ptr=torch.empty(16, dtype=torch.int32),
+                     out_ptr=torch.empty(16), BR=16)
+    monkeypatch.setattr(aot_compile, "_LAUNCHES", [launch])
+
+    def work(item):
+        if item[3] == 1:
+            os.abort()
+        return {"rank": item[3]}
+
+    monkeypatch.setattr(aot_compile, "_work", work)
+    rows = []
+    aot_compile._compile_all([(0, 86, None, r) for r in range(4)], 2, rows.append)
+    crashed = [r for r in rows if "problems" in r]
+    assert len(rows) == 4 and len(crashed) == 1 and crashed[0]["config_rank"] == 1, rows
+    assert crashed[0]["problems"] == "compile" and "died" in crashed[0]["error"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--targets", "75"], "unknown target [75]"),
+    (["--targets", "86,"], "--targets '86,'"),
+    (["--dtypes", "fp8"], "unknown dtype ['fp8']"),
+    (["--kernels", "_colsum_mul_kernal", "--targets", "86"], "unknown kernel(s) ['_colsum_mul_kernal']"),
+    (["--triton-path", "/nonexistent"], "--triton-path '/nonexistent'"),
+])
+def test_cli_names_the_bad_value(argv, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        aot_compile.main([*argv, "--out", str(tmp_path), "--no-progress", "--jobs", "1"])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.csv"))
+
+
 def test_mma_kinds_reads_ptx():
     ptx = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {..};\n"
            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {..};\n"
@@ -142,15 +192,33 @@ def test_mma_kinds_reads_ptx():
 def test_launches_are_recorded_as_on_a_gpu():
     launches = record_launches(dtypes=("fp16",), shapes=("real",), mixed_adapters=False)
     names = {launch.kernel for launch in launches}
-    assert names >= {"_fused_linear_kernel", "_lora_shrink_kernel", "_lora_grad_a_kernel", "_colsum_mul_kernel",
-                     "_dora_norm_kernel", "_nf4_dequant_kernel", "_bgmv_kernel", "_sgmv_shrink_kernel",
-                     "_sgmv_expand_kernel"}, names
+    assert names == KERNELS, names
     assert not torch.Tensor([0]).is_cuda  # the recorder put Tensor.is_cuda back
     fused = [launch for launch in launches if launch.kernel == "_fused_linear_kernel"]
     # GPU-mode recording: 16-bit launches are not forced to fp32 dots as under the interpreter
     assert all(launch.kwargs.get("F32_DOT") is not True for launch in fused)
     assert any(launch.kwargs.get("W_NF4") for launch in fused)  # the in-GEMM 4-bit decode path
     assert any(not launch.kwargs.get("HAS_LR", launch.args.get("N_SEG")) for launch in fused)  # IA3: no low rank
+
+
+KERNELS = {"_fused_linear_kernel", "_lora_shrink_kernel", "_lora_grad_a_kernel", "_colsum_mul_kernel",
+           "_dora_norm_kernel", "_nf4_dequant_kernel", "_bgmv_kernel", "_sgmv_shrink_kernel", "_sgmv_expand_kernel"}
+
+
+def test_every_autotuned_kernel_is_in_the_check():
+    """A kernel added to triton_kernels/ without a recorded launch would escape the compile check."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.autotuner import Autotuner
+
+    import peft_fast.triton_kernels as pkg
+
+    found = set()
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        m = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        found |= {name for name, obj in vars(m).items() if isinstance(obj, Autotuner)}
+    assert found == KERNELS
 
 
 def _check(rows, fail_on_spill):
@@ -165,9 +233,9 @@ def test_every_kernel_compiles_and_fits_on(cc):
     """CI subset: every distinct launch x the autotuner's first config for sm_<cc>: compiles, fits
     shared memory, 16-bit dots on 16-bit tensor cores, no tf32 while TF32 is off; no spills on
     sm_80..sm_90 (the full sweep, benchmarks/aot_compile.py, checks every config)."""
-    rows = aot_compile.run_sweep(targets=(cc,), configs="first", shapes=("real",), jobs=1, progress=False,
+    rows = aot_compile.run_sweep(targets=(cc,), configs="first", shapes=("real",), jobs=2, progress=False,
                                  dedupe="variant")
-    assert len(rows) > 80
+    assert {r["kernel"] for r in rows} == KERNELS and all(r["target"] == cc for r in rows)
     _check(rows, fail_on_spill=cc <= 90)
 
 
