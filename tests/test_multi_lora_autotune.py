@@ -110,12 +110,13 @@ def _interp_configs(kernel_name):
 
 
 @pytest.fixture
-def autotuning():
+def autotuning(monkeypatch):
     """The real Autotuner objects of the three kernels with 3 interpreter-friendly configs each
     and a do_bench that runs every config 3 times (as triton.testing.do_bench runs a kernel
     many times). Yields {kernel name: number of configs benchmarked}; restores everything."""
     from peft_fast.triton_kernels import multi_lora as ml
 
+    monkeypatch.delenv("PEFT_FAST_AUTOTUNE", raising=False)  # =0 would keep one config
     names = ["_bgmv_kernel", "_sgmv_shrink_kernel", "_sgmv_expand_kernel"]
     benched = {nm: 0 for nm in names}
     saved = []
@@ -250,6 +251,7 @@ def test_every_launch_keeps_two_configs_on_every_target(monkeypatch, getter):
                         assert kw.get("BRN", 0) <= br and (getter == "get_sgmv_shrink_configs" or kw["BK"] <= br)
     # the pruner narrows the autotune list to the launch's configs on a known device
     monkeypatch.setattr(_triton, "device_capability", lambda device=None: 86)
+    monkeypatch.delenv("PEFT_FAST_AUTOTUNE", raising=False)
     prune = _triton.target_pruner(get)
     kept = prune(get(), {"BR": 256}, F32_DOT=True, DOT_PREC="ieee")
     assert {_triton.config_key(c) for c in kept} == {_triton.config_key(c) for c in get(86, {

@@ -6,6 +6,15 @@ as easy as 1, 2, 3", SC 2011), counter (c0, c1, c2, c3) = (col, row, 0, 0), key 
 The first output word w keeps the element when (w >> 1) >= threshold, threshold = round(p 2^31):
 P(keep) = 1 - threshold / 2^31 exactly, which `keep_scale` inverts.
 `philox_keep_mask_ref` recomputes the same bits with int64 torch ops (tests, references).
+
+Launch configs: each autotuned kernel lists its configs per GPU target (`get_<op>_configs`,
+below) and `target_pruner` keeps the running GPU's list for a launch. Environment:
+  PEFT_FAST_AUTOTUNE=0  no autotuning: every launch keeps only the first config of its target's
+                        list (nothing is benchmarked; older Triton, e.g. 3.6, still times that
+                        one config once). For short GPU test runs on a cold Triton cache, where benchmarking
+                        several configs per new shape costs more than the tests; the first
+                        config of every list fits its target without spills (compile-checked by
+                        benchmarks/aot_compile.py), so results are the same, only slower.
 """
 from __future__ import annotations
 
@@ -128,15 +137,43 @@ def config_key(cfg) -> tuple:
     return (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
 
 
+# the most conservative known target (99 KB of shared memory per block, consumer register
+# budget): its configs are the fallback for a GPU none of the lists knows
+FALLBACK_CC = 86
+
+
+def autotune_enabled() -> bool:
+    """False when PEFT_FAST_AUTOTUNE is 0 / false / no / off (see the module doc)."""
+    return os.environ.get("PEFT_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _listed(configs, listed) -> list:
+    """The members of `configs` that `listed` names, in the order of `listed`."""
+    by_key = {config_key(c): c for c in configs}
+    out, seen = [], set()
+    for c in listed:
+        k = config_key(c)
+        if k in by_key and k not in seen:
+            seen.add(k)
+            out.append(by_key[k])
+    return out
+
+
 def target_pruner(get_configs):
     """early_config_prune for triton.autotune: keep the configs `get_configs(cc, args)` lists
-    for the running device (all of them when its capability is unknown)."""
+    for the running device, in that list's order. A device whose list keeps none of them (a
+    capability no table knows) gets the list of FALLBACK_CC (sm_86: 99 KB) for the same launch,
+    and only if that is empty too every config. Without a CUDA device (the interpreter) every
+    config is kept. PEFT_FAST_AUTOTUNE=0 keeps only the first of the kept configs."""
     def prune(configs, named_args, **kwargs):
         cc = device_capability()
-        if cc is None:
-            return configs
-        allowed = {config_key(c) for c in get_configs(cc, dict(named_args, **kwargs))}
-        kept = [c for c in configs if config_key(c) in allowed]
-        return kept or configs
+        kept = list(configs)
+        if cc is not None:
+            args = dict(named_args, **kwargs)
+            kept = _listed(configs, get_configs(cc, args))
+            if not kept and cc != FALLBACK_CC:
+                kept = _listed(configs, get_configs(FALLBACK_CC, args))
+            kept = kept or list(configs)
+        return kept if autotune_enabled() else kept[:1]
     prune.get_configs = get_configs  # read by benchmarks/aot_compile.py
     return prune

@@ -234,7 +234,11 @@ if HAS_TRITON:
     from .nf4 import nf4_block_absmax, nf4_code_select
 
     @triton.autotune(configs=get_fused_linear_configs(),
-                     key=["M_BUCKET", "N", "K", "N_SEG", "BR", "W_NF4", "W_T", "LR_MASK", "DOT_PREC", "LR_PREC"],
+                     # every argument get_fused_linear_configs reads (a cached choice is reused for
+                     # the whole key, the pruner runs only on a miss): the operand kind, q_bs (an NF4
+                     # tile must not span two blocks) and the strides of the alignment check
+                     key=["M_BUCKET", "N", "K", "N_SEG", "BR", "W_NF4", "W_T", "LR_MASK", "F32_DOT", "DOT_PREC",
+                          "HAS_LR", "LR_F32", "LR_PREC", "q_bs", "sxm", "sxk", "swk", "swn"],
                      prune_configs_by={"early_config_prune": target_pruner(get_fused_linear_configs)},
                      reset_to_zero=["red_ptr"])
     @triton.jit

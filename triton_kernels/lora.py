@@ -245,7 +245,7 @@ def get_lora_grad_a_configs(cc=None, args=None):
 if HAS_TRITON:
     from ._triton import keep_mask
 
-    @triton.autotune(configs=get_lora_shrink_configs(), key=["M_BUCKET", "K", "BR", "DOT_PREC"],
+    @triton.autotune(configs=get_lora_shrink_configs(), key=["M_BUCKET", "K", "BR", "F32_DOT", "DOT_PREC"],
                      prune_configs_by={"early_config_prune": target_pruner(get_lora_shrink_configs)})
     @triton.jit
     def _lora_shrink_kernel(
@@ -282,7 +282,7 @@ if HAS_TRITON:
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * som + rr[None, :] * sor, (acc * scale).to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rr[None, :] < R))
 
-    @triton.autotune(configs=get_lora_grad_a_configs(), key=["M_BUCKET", "K", "BR", "SPLIT", "DOT_PREC"],
+    @triton.autotune(configs=get_lora_grad_a_configs(), key=["M_BUCKET", "K", "BR", "SPLIT", "F32_DOT", "DOT_PREC"],
                      reset_to_zero=["out_ptr"],
                      prune_configs_by={"early_config_prune": target_pruner(get_lora_grad_a_configs)})
     @triton.jit

@@ -126,12 +126,15 @@ def _bgmv_rows(br: int):  # (BK, BN, warps)
     return [(16, 64, 8), (16, 32, 8), (32, 64, 16)]
 
 
-def _select(rows_of, args, make):
-    """Configs for the launch's BR (and dot kind), or the union over all when args is None."""
+def _select(rows_of, args, make, by_kind=True):
+    """Configs for the launch's BR (and dot kind), or the union over all when args is None.
+    Reads BR, and F32_DOT / DOT_PREC when `by_kind` (kernels without a dot kind pass False):
+    each name read must be in the kernel's autotune key."""
+    kinds = ("16", "tf32", "f32") if by_kind else ("16",)
     if args and "BR" in args:
-        keys = [(args["BR"], _dot_kind(args))]
+        keys = [(args["BR"], _dot_kind(args) if by_kind else "16")]
     else:
-        keys = [(br, kind) for br in _BRS for kind in ("16", "tf32", "f32")]
+        keys = [(br, kind) for br in _BRS for kind in kinds]
     out, seen = [], set()
     for br, kind in keys:
         for row in rows_of(br, kind):
@@ -160,12 +163,12 @@ def get_bgmv_configs(cc=None, args=None):
     if interpreting():
         return [triton.Config({"BK": 32, "BN": 32}, num_warps=4)]
     return _select(lambda br, kind: _bgmv_rows(br), args,
-                   lambda r: triton.Config({"BK": r[0], "BN": r[1]}, num_warps=r[2], num_stages=1))
+                   lambda r: triton.Config({"BK": r[0], "BN": r[1]}, num_warps=r[2], num_stages=1), by_kind=False)
 
 
 if HAS_TRITON:
 
-    @triton.autotune(configs=get_sgmv_shrink_configs(), key=["K", "BR", "T_BUCKET"],
+    @triton.autotune(configs=get_sgmv_shrink_configs(), key=["K", "BR", "T_BUCKET", "F32_DOT", "DOT_PREC"],
                      prune_configs_by={"early_config_prune": target_pruner(get_sgmv_shrink_configs)})
     @triton.jit
     def _sgmv_shrink_kernel(
@@ -204,7 +207,7 @@ if HAS_TRITON:
             a_ptrs += BK * sak
         tl.store(out_ptr + (start + rows)[:, None] * som + rr[None, :] * sor, acc, mask=ok[:, None] & (rr[None, :] < R))
 
-    @triton.autotune(configs=get_sgmv_expand_configs(), key=["N", "BR", "T_BUCKET"], restore_value=["y_ptr"],
+    @triton.autotune(configs=get_sgmv_expand_configs(), key=["N", "BR", "T_BUCKET", "F32_DOT", "DOT_PREC"], restore_value=["y_ptr"],
                      prune_configs_by={"early_config_prune": target_pruner(get_sgmv_expand_configs)})
     @triton.jit
     def _sgmv_expand_kernel(

@@ -22,6 +22,8 @@ SETTING_HELP = {
     "PEFT_FAST_GEMM": "force the GEMM path: triton, torch or nf4_fused (default: the fastest, measured per shape)",
     "PEFT_FAST_PATH_STRICT": "1: a kernel that cannot launch (out of resources, compile error) raises instead of "
                              "falling back to the next path",
+    "PEFT_FAST_AUTOTUNE": "0: no Triton autotuning, each launch runs the first config of its GPU's list "
+                          "(short test runs on a cold Triton cache)",
     "TRITON_INTERPRET": "1: run the Triton kernels on CPU through Triton's interpreter (slow; for tests)",
     "PEFT_FAST_DISABLE_CPP": "1: do not use the C++/CUDA extension peft_fast._C (the torch fallback runs)",
     "PEFT_FAST_TRAINER_INTEGRATION": "0: do not install the transformers Trainer integration on import",
