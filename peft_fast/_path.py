@@ -16,7 +16,8 @@ one when it runs hands over to the next path (the remaining candidates, fastest 
 op's `fallbacks`, which are never measured). The failure is remembered per (op, key), so the
 failing path is not tried again, and shows in the record (`failed`: path -> error, `reason`).
 A `PathFallbackWarning` is emitted once per (op, failed path, error class) in a process, naming
-the first shape key and the error; further keys failing the same way are only recorded (a model
+the first shape key and the error, and attributed to the first calling frame outside peft_fast,
+torch and triton (the user's line); further keys failing the same way are only recorded (a model
 has dozens of shape keys per op, and they fail together). Every other exception (TypeError,
 ValueError from bad inputs, CUDA errors such as an illegal address) propagates unchanged.
 `PEFT_FAST_PATH_STRICT=1` turns the fallback off (launch failures raise), for GPU tests that
@@ -25,6 +26,7 @@ must see a kernel fail rather than pass on the torch composition.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from typing import Callable, Optional
@@ -121,6 +123,30 @@ def _unmeasurable(device: torch.device) -> Optional[str]:
     return None
 
 
+def _library_dirs() -> tuple[str, ...]:
+    """Directories whose frames are library code, not the caller's: peft_fast (and its
+    triton_kernels, installed from their own folder in a development checkout), torch, triton."""
+    dirs = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__))]
+    for name in ("peft_fast.triton_kernels", "triton"):
+        mod = sys.modules.get(name)
+        if getattr(mod, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(mod.__file__)))
+    return tuple(d + os.sep for d in dirs)
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` for a warnings.warn in the function that calls this one that names the
+    first frame outside peft_fast, torch and triton: the user's code (or the framework's, e.g.
+    a Trainer, that called the model). 2 (the op that chose the path) when there is none."""
+    lib = _library_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(lib):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
+
+
 def _note_failure(op: str, key: tuple, path: str, e: BaseException, when: str, then: Optional[str]) -> str:
     """Remember that `path` cannot run for (op, key); warn once per (op, path, error class)."""
     desc = _describe(e)
@@ -133,8 +159,8 @@ def _note_failure(op: str, key: tuple, path: str, e: BaseException, when: str, t
             f"peft_fast: the {path!r} path of {op} failed {when} for shape key {key} ({desc}); "
             + (f"running {then!r} instead. " if then else "the other paths are measured without it. ")
             + f"Further {op} keys failing on {path!r} with {type(e).__name__} are recorded in "
-            "peft_fast.ops.path_choices() without a warning.",
-            PathFallbackWarning, stacklevel=4)
+            "peft_fast.ops.path_choices() without a warning. Set PEFT_FAST_PATH_STRICT=1 to raise instead.",
+            PathFallbackWarning, stacklevel=_caller_stacklevel())
     return desc
 
 

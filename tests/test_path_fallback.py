@@ -351,6 +351,7 @@ def test_nf4_decode_in_gemm_that_does_not_fit_is_dropped_from_the_measurement(mo
     assert rec["failed"].keys() == {"nf4_fused"}
     (w,) = _fallback_warnings(caught)
     assert "'nf4_fused' path of ia3_fwd failed while being measured" in str(w.message)
+    assert w.filename == __file__  # through ops_triton's frames to this test's line
 
 
 def test_bad_input_to_a_guarded_kernel_raises_its_error():
@@ -387,3 +388,45 @@ def test_fallback_matches_the_interpreted_kernels(monkeypatch):
         results.append((y, dx, *dAs, *dBs))
     for got, want in zip(results[1], results[0]):
         assert_close(got, want, torch.float32)
+
+
+# ------------------------------------------------------------------ the warning: how to make it raise, where it points
+def test_fallback_warning_names_the_strict_switch_and_points_at_the_caller(measurable, caught):
+    """The warning says how to turn the fallback into an error, and is attributed to the first
+    frame outside peft_fast / torch / triton: here this test (directly, and through an op)."""
+    measurable.update(torch=2.0)
+    key = (16, 64, 64)
+    out = _path.choose("lora_fwd", key, {"triton": Candidate("triton", error=_oor()),
+                                        "torch": Candidate("torch", value="t")}, CPU)
+    assert out == "t"
+    (w,) = _fallback_warnings(caught)
+    assert "PEFT_FAST_PATH_STRICT=1" in str(w.message) and "lora_fwd" in str(w.message)
+    assert w.filename == __file__, w.filename
+
+    # at run time (nothing measured), called from a nested function: its line
+    _path.clear_path_choices()
+    caught.clear()
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.setattr(_path, "_unmeasurable", lambda device: "not measured on cpu")
+
+        def nested():
+            return _path.choose("dora_fwd", key, {"triton": Candidate("triton", error=_oor()),
+                                                  "torch": Candidate("torch", value="t2")}, CPU)
+
+        assert nested() == "t2"
+    finally:
+        monkeypatch.undo()
+    (w,) = _fallback_warnings(caught)
+    assert "at run time" in str(w.message) and "PEFT_FAST_PATH_STRICT=1" in str(w.message)
+    assert w.filename == __file__ and w.lineno == nested.__code__.co_firstlineno + 1, (w.filename, w.lineno)
+
+
+def test_caller_stacklevel_skips_library_frames():
+    import os
+
+    assert _path._caller_stacklevel() == 1  # called from this test file: the caller itself
+    lib = _path._library_dirs()
+    assert any(os.path.abspath(_path.__file__).startswith(d) for d in lib)
+    assert any(os.path.abspath(torch.__file__).startswith(d) for d in lib)
+    assert not any(os.path.abspath(__file__).startswith(d) for d in lib)
