@@ -36,7 +36,10 @@
 #                       earlier, so the summary and XML are still written), 60 s per test, stops
 #                       after SUITE_PYTEST_MAXFAIL (5) failures; PEFT_FAST_PATH_STRICT=1, so a
 #                       kernel that cannot launch fails its test instead of passing on the torch
-#                       fallback (_path.py)
+#                       fallback (_path.py); PEFT_FAST_AUTOTUNE=0 (this step only, not the
+#                       benches), so every launch compiles and runs the first config of its GPU's
+#                       list instead of compiling and timing several per new shape, which on a
+#                       cold Triton cache would leave most tests beyond the cap
 #   bench_layers.py     --time-budget: SUITE_BUDGET_S minus the time spent and the QLoRA bench's
 #                       share (its budget + 30 s), counted from its process start; it starts no
 #                       case the last like it says would end after the budget; cap: that + 60 s
@@ -285,7 +288,8 @@ gpu_tests() {
         0.*|1.*|2.0*|2.1*|2.2*) extra=(--timeout 60) ;;
         *) extra=(--timeout 60 --session-timeout $(( STEP_CAP > 40 ? STEP_CAP - 20 : STEP_CAP / 2 ))) ;;
     esac
-    PEFT_FAST_PATH_STRICT=1 capped "$STEP_CAP" \
+    # the settings go through `env` so that a dry run prints them with the command
+    capped "$STEP_CAP" env PEFT_FAST_PATH_STRICT=1 PEFT_FAST_AUTOTUNE=0 \
         "$PY" -m pytest -m gpu -v -rfEs --maxfail "${SUITE_PYTEST_MAXFAIL:-5}" ${extra[@]+"${extra[@]}"} \
         -p no:cacheprovider --junitxml "$RES/pytest/pytest_gpu.xml" tests 2>&1 | tee "$RES/pytest/pytest_gpu.log"
     local rc=${PIPESTATUS[0]}

@@ -100,3 +100,27 @@ def test_a_step_past_the_hard_end_is_stopped(tmp_path):
     assert steps["bench_layers"]["exit_code"] == 124 and summary["complete"] and not summary["ok"]
     assert "== [bench_layers]" in r.stdout and "stopped at its cap" in r.stdout, r.stdout[-2000:]
     assert steps["bench_layers"]["seconds"] >= 10 and summary["total_seconds"] <= 42, summary
+
+
+def test_pytest_step_alone_runs_without_autotuning(tmp_path):
+    """PEFT_FAST_AUTOTUNE=0 (and PEFT_FAST_PATH_STRICT=1) reach the pytest step's process, not the
+    benches': shown in a dry run's commands, and seen by a stand-in python in a real run."""
+    r, _ = _run(tmp_path, {"SUITE_DRY_RUN": "1", "SUITE_MULTI": "1"})
+    cmds = [ln for ln in r.stdout.splitlines() if ln.startswith("(dry run)")]
+    (pytest_cmd,) = [c for c in cmds if " -m pytest " in c]
+    assert "PEFT_FAST_AUTOTUNE=0" in pytest_cmd and "PEFT_FAST_PATH_STRICT=1" in pytest_cmd
+    benches = [c for c in cmds if "benchmarks/bench_" in c]
+    assert len(benches) >= 2 and not any("PEFT_FAST_AUTOTUNE" in c for c in benches), benches
+
+    log = tmp_path / "seen.log"
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    f"case \"$1\" in -m) echo \"pytest AUTOTUNE=${{PEFT_FAST_AUTOTUNE-unset}} "
+                    f"STRICT=${{PEFT_FAST_PATH_STRICT-unset}}\" >> {log}; exit 0;;\n"
+                    f"  benchmarks/bench_*) echo \"bench AUTOTUNE=${{PEFT_FAST_AUTOTUNE-unset}}\" >> {log}; exit 0;;\n"
+                    f"esac\nexec {sys.executable} \"$@\"\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {**SKIP_ALL, "SUITE_SKIP_PYTEST": "0", "SUITE_SKIP_QLORA": "0", "SUITE_HARD_S": "120"}
+    _run(tmp_path, env, python=str(fake), timeout=200)
+    seen = log.read_text().splitlines()
+    assert "pytest AUTOTUNE=0 STRICT=1" in seen and "bench AUTOTUNE=unset" in seen, seen
