@@ -53,25 +53,13 @@ def test_bench_layers_killed_midway_keeps_the_finished_rows(tmp_path):
     layers.csv (written after each case); the handler adds the PNG and the JSON's status, exits 143."""
     import json
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from bench_helpers import sigterm_after_first_rows
 
     pytest.importorskip("peft")
-    p = subprocess.Popen([sys.executable, BENCH, "--quick", "--device", "cpu", "--reps", "60", "--out", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "layers.csv").exists():
-            assert p.poll() is None, f"finished before it could be stopped: {p.communicate()[1][-2000:]}"
-            assert time.monotonic() < deadline, "no row written in 240 s"
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    rc, err = sigterm_after_first_rows([BENCH, "--quick", "--device", "cpu", "--reps", "60", "--out", tmp_path],
+                                       tmp_path / "layers.csv")
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
     rows = _csv(tmp_path / "layers.csv")
     n_per_case = 3 * 3  # providers x modes
     total = 20 * n_per_case  # --quick: 2 shapes x (lora 2 r x 2 M + dora 2 r x 2 M + ia3 2 M)

@@ -176,26 +176,15 @@ def test_bench_qlora_killed_midway_keeps_the_finished_rows(tmp_path):
     """SIGTERM (`timeout` at the step's cap) during the run: the finished rows are in qlora.csv,
     the JSON says terminated, exit 143."""
     import signal
-    import subprocess
-    import time
+
+    from bench_helpers import sigterm_after_first_rows
 
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("transformers")
-    p = subprocess.Popen([sys.executable, BENCH, "--quick", "--device", "cpu", "--parts", "a", "b", "--reps", "40",
-                          "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "qlora.csv").exists():
-            assert p.poll() is None, f"finished before it could be stopped: {p.communicate()[1][-2000:]}"
-            assert time.monotonic() < deadline, "no row written in 240 s"
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    rc, err = sigterm_after_first_rows([BENCH, "--quick", "--device", "cpu", "--parts", "a", "b", "--reps", "40",
+                                        "--out", tmp_path], tmp_path / "qlora.csv")
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
     rows = _csv(tmp_path / "qlora.csv")
     assert rows and rows[0]["provider"] == "copy"
     assert not [r for r in rows if r["part"] == "b" and r["mode"] == "decode"]  # stopped well before the end
