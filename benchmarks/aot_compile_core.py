@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+from peft_fast.triton_kernels._triton import SMEM_PER_BLOCK as SMEM_LIMIT  # the kernels' own table
+
 TARGETS = (80, 86, 89, 90, 120)  # the default sweep: A100, RTX 30xx, RTX 40xx/L4, H100/H200, RTX 50xx
 
 
