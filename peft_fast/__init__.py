@@ -38,10 +38,12 @@ from .tuners.lora.config import KasaConfig, LoraConfig, LoraRuntimeConfig, Monte
 from .tuners.lora.model import LoraModel
 from .tuners.lora.bdlora import BdLoraConfig
 from .tuners.lora.velora import VeloraConfig
+from .peft_alias import PEFT_VERSION, as_peft, install_as_peft, is_installed_as_peft, uninstall_as_peft
 from .trainer_integration import install_trainer_integration, uninstall_trainer_integration
 from .utils.error import NoMatchingPeftModuleError, PeftError
 from .utils.other import prepare_model_for_kbit_training
 from .utils.peft_types import PeftType, TaskType
+from .utils.warning import PeftWarning
 from .utils.save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -64,7 +66,8 @@ __all__ = [
     "PeftType", "TaskType", "get_nb_trainable_parameters", "get_peft_config", "get_peft_model",
     "get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model", "install_trainer_integration", "load_peft_weights",
     "prepare_model_for_kbit_training", "print_trainable_parameters", "set_base_model_state_dict", "set_peft_model_state_dict",
-    "uninstall_trainer_integration",
+    "uninstall_trainer_integration", "PEFT_VERSION", "PeftWarning", "as_peft", "install_as_peft",
+    "is_installed_as_peft", "uninstall_as_peft",
 ]
 
 # transformers' Trainer recognises peft_fast models as PEFT models (reversible; see trainer_integration.py).
@@ -72,3 +75,9 @@ from .trainer_integration import _install_from_env as _install_trainer_integrati
 
 _install_trainer_integration_from_env()
 del _install_trainer_integration_from_env
+
+# `PEFT_FAST_AS_PEFT=1`: `import peft` gives peft_fast (see peft_alias.py).
+from .peft_alias import _install_from_env as _install_as_peft_from_env
+
+_install_as_peft_from_env()
+del _install_as_peft_from_env

@@ -1,0 +1,103 @@
+"""Rebind the top-level ``from peft import ...`` of modules imported before the ``peft`` alias (L4).
+
+``trl.trainer.sft_trainer`` runs ``if is_peft_available(): from peft import PeftConfig, PeftModel, ...``
+once, at its import. Imported before `install_as_peft()`, it holds real peft's classes (so a peft_fast
+model fails its ``isinstance`` checks), or, without peft installed, never bound the names at all. This
+reads such a module's source (`ast`, top-level statements only, through ``if``/``try``/``with`` blocks)
+and binds each name to what the alias gives now, where the current value is absent or comes from real
+peft; a name the module's own code set to something else is left alone. Every change is recorded and
+undone by the callable returned.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+import types
+from typing import Any, Callable, Iterator
+
+PACKAGES = ("transformers", "trl", "diffusers", "accelerate")
+_ABSENT = object()
+
+
+def _from_real_peft(value: Any) -> bool:
+    if isinstance(value, types.ModuleType):
+        name = getattr(value, "__name__", "")
+    else:
+        name = getattr(value, "__module__", None) or ""
+    return isinstance(name, str) and (name == "peft" or name.startswith("peft."))
+
+
+def _top_level_peft_imports(body: list[ast.stmt]) -> Iterator[tuple[str, str, str | None]]:
+    """(binding name, module, attribute or None for a module) for each top-level peft import."""
+    for node in body:
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module and (
+                node.module == "peft" or node.module.startswith("peft.")):
+            for alias in node.names:
+                if alias.name != "*":
+                    yield alias.asname or alias.name, node.module, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "peft" or alias.name.startswith("peft."):
+                    if alias.asname:
+                        yield alias.asname, alias.name, None
+                    else:
+                        yield "peft", "peft", None
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for field in ("body", "orelse", "finalbody"):
+                yield from _top_level_peft_imports(getattr(node, field, []) or [])
+            for handler in getattr(node, "handlers", []):
+                yield from _top_level_peft_imports(handler.body)
+
+
+def _source(module: types.ModuleType) -> str | None:
+    spec = getattr(module, "__spec__", None)
+    origin = getattr(spec, "origin", None) or getattr(module, "__file__", None)
+    if not origin or not str(origin).endswith(".py"):
+        return None
+    try:
+        with open(origin, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _resolve(module_name: str, attr: str | None) -> Any:
+    mod = importlib.import_module(module_name)
+    return mod if attr is None else getattr(mod, attr)
+
+
+def rebind_imported_modules(packages: tuple[str, ...] = PACKAGES) -> Callable[[], None]:
+    """Rebind the peft imports of every already-imported module of `packages`; returns the undo."""
+    changes: list[tuple[types.ModuleType, str, Any, Any]] = []
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".", 1)[0] not in packages:
+            continue
+        source = _source(module)
+        if source is None or "peft" not in source:
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for binding, mod_name, attr in _top_level_peft_imports(tree.body):
+            current = module.__dict__.get(binding, _ABSENT)
+            if current is not _ABSENT and not _from_real_peft(current):
+                continue
+            try:
+                new = _resolve(mod_name, attr)
+            except (ImportError, AttributeError):
+                continue  # neither peft_fast nor PEFT's manifest has it: left as it was
+            module.__dict__[binding] = new
+            changes.append((module, binding, current, new))
+
+    def undo() -> None:
+        for module, binding, old, new in reversed(changes):
+            if module.__dict__.get(binding, _ABSENT) is not new:
+                continue  # changed since: leave the newer value
+            if old is _ABSENT:
+                del module.__dict__[binding]
+            else:
+                module.__dict__[binding] = old
+
+    return undo

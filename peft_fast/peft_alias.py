@@ -1,0 +1,274 @@
+"""``install_as_peft()``: make ``import peft`` give peft_fast, for libraries that import PEFT by name (L4).
+
+TRL, transformers' adapter integration, diffusers' adapter loaders and accelerate all reach PEFT through
+``import peft`` / ``from peft... import ...`` and ``isinstance(x, peft.PeftModel)``; none has a hook a
+third-party package could register with. So the switch is an import alias, installed by a call:
+
+    import peft_fast
+    peft_fast.install_as_peft()      # before or after importing trl / transformers / diffusers
+    from trl import SFTTrainer       # now builds and trains peft_fast's layers
+
+Why an alias and not per-library patches: every check those libraries make (``isinstance`` against PEFT's
+classes, ``BaseTunerLayer`` scans, version checks, ``from peft.utils import ...``) then sees peft_fast's
+objects, including the checks of library versions not written yet, and a model is never half peft,
+half peft_fast. ``PEFT_FAST_AS_PEFT=1`` in the environment makes ``import peft_fast`` call it.
+
+What it does, all undone by `uninstall_as_peft()`:
+
+- A meta-path finder answers ``peft`` with a module that forwards to `peft_fast` (``peft.__version__`` is
+  the PEFT version peft_fast follows, `PEFT_VERSION`) and ``peft.<x>`` with ``peft_fast.<x>``, the same
+  module object, so classes are identical under both names. Real peft's modules already imported are
+  set aside and put back on uninstall.
+- Where real peft is not installed, the same finder reports a ``peft`` distribution with `PEFT_VERSION`,
+  so ``importlib.metadata.version("peft")`` and the libraries' availability probes answer as with peft.
+  transformers' and diffusers' cached probes are refreshed.
+- Modules of transformers, trl, diffusers and accelerate imported *before* the call keep what their
+  top-level ``from peft import ...`` bound (real peft's classes), or never bound it (no peft installed);
+  those names are rebound to peft_fast's (`_alias_rebind`).
+- A name or module PEFT has and peft_fast does not (e.g. ``peft.VeraConfig``, ``peft.tuners.loha``) is a
+  placeholder (`_alias_missing`): importing it works, so a library that imports it at the top still
+  loads; using it raises NotImplementedError naming it. Anything PEFT does not have either raises the
+  usual ImportError/AttributeError.
+
+Errors: nothing at install; `uninstall_as_peft()` without an install is a no-op.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import os
+import sys
+import threading
+import types
+from typing import Any
+
+from ._alias_missing import missing_module, missing_name
+from ._peft_manifest import PEFT_ALL, PEFT_MODULES, PEFT_VERSION
+
+__all__ = ["PEFT_VERSION", "as_peft", "install_as_peft", "is_installed_as_peft", "uninstall_as_peft"]
+
+_lock = threading.RLock()
+_state: "_Installed | None" = None
+_PEFT_MODULES = frozenset(PEFT_MODULES)
+_PEFT_ALL = frozenset(PEFT_ALL)
+
+
+def _is_peft_name(fullname: str) -> bool:
+    return fullname == "peft" or fullname.startswith("peft.")
+
+
+class _PeftModule(types.ModuleType):
+    """The module ``import peft`` gives under the alias: peft_fast's attributes, PEFT's version."""
+
+    def __getattr__(self, name: str) -> Any:
+        import peft_fast
+
+        try:
+            return getattr(peft_fast, name)
+        except AttributeError:
+            pass
+        if name in _PEFT_ALL:
+            return missing_name(f"peft.{name}", real_peft_installed=_real_peft_installed())
+        raise AttributeError(f"module 'peft' (peft_fast, following PEFT {PEFT_VERSION}) has no attribute {name!r}")
+
+    def __dir__(self):
+        import peft_fast
+
+        return sorted(set(super().__dir__()) | set(dir(peft_fast)) | _PEFT_ALL)
+
+
+def _real_peft_installed() -> bool:
+    return bool(_state and _state.real_installed)
+
+
+class _PeftDistribution(importlib.metadata.Distribution):
+    """``peft``'s metadata where real peft is not installed: name and `PEFT_VERSION` only."""
+
+    def read_text(self, filename):
+        if filename == "METADATA":
+            return f"Metadata-Version: 2.1\nName: peft\nVersion: {PEFT_VERSION}\nSummary: peft_fast (alias)\n"
+        if filename == "top_level.txt":
+            return "peft\n"
+        return None
+
+    def locate_file(self, path):
+        import peft_fast
+
+        return os.path.join(os.path.dirname(peft_fast.__file__), str(path))
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``peft`` and ``peft.*`` as peft_fast's modules; loads them without re-executing anything."""
+
+    def __init__(self):
+        # fullname -> (the peft_fast module's own __spec__, whether it had __path__), put back after load
+        self._own: dict[str, tuple[Any, bool]] = {}
+
+    # -- finder -------------------------------------------------------------------------------------------
+    def find_spec(self, fullname, path=None, target=None):
+        if not _is_peft_name(fullname):
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
+        state = _state
+        if state is None or state.real_installed:
+            return iter(())
+        name = getattr(context, "name", None)
+        if name is None or name.lower().replace("_", "-") == "peft":
+            return iter((_PeftDistribution(),))
+        return iter(())
+
+    # -- loader -------------------------------------------------------------------------------------------
+    def create_module(self, spec):
+        fullname = spec.name
+        if fullname == "peft":
+            return _state.proxy
+        target = "peft_fast" + fullname[len("peft"):]
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name != target and not target.startswith(f"{e.name}."):
+                raise  # something peft_fast's module itself imports is missing
+            if fullname in _PEFT_MODULES:
+                return missing_module(fullname, real_peft_installed=_real_peft_installed())
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r}: `import peft` gives peft_fast (peft_fast.install_as_peft()), "
+                f"and neither peft_fast nor PEFT {PEFT_VERSION} has this module", name=fullname) from None
+        self._own[fullname] = (getattr(module, "__spec__", None), hasattr(module, "__path__"))
+        return module
+
+    def exec_module(self, module):
+        # importlib set the alias spec (and an empty __path__) on it: a peft_fast module keeps its own
+        own = self._own.pop(module.__spec__.name, None)
+        if own is not None:
+            module.__spec__ = own[0]
+            if not own[1]:
+                with contextlib.suppress(AttributeError):
+                    del module.__path__
+
+
+class _Installed:
+    def __init__(self):
+        self.finder = _AliasFinder()
+        self.proxy = _PeftModule("peft", "peft_fast under PEFT's name (peft_fast.install_as_peft())")
+        self.real_installed = False
+        self.saved_modules: dict[str, types.ModuleType | None] = {}
+        self.undo: list = []  # callables run in reverse order on uninstall
+
+
+def _make_proxy(proxy: _PeftModule, finder: _AliasFinder) -> None:
+    import peft_fast
+
+    proxy.__version__ = PEFT_VERSION
+    proxy.__file__ = peft_fast.__file__
+    proxy.__path__ = []  # submodules come from the finder only, never from a second copy of the files
+    proxy.__all__ = list(PEFT_ALL)
+    proxy.__spec__ = importlib.machinery.ModuleSpec("peft", finder, is_package=True)
+    proxy.__loader__ = finder
+    proxy.__package__ = "peft"
+
+
+def _real_peft_distribution_exists() -> bool:
+    ctx = importlib.metadata.DistributionFinder.Context(name="peft")
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_distributions", None)
+        if find is None or isinstance(finder, _AliasFinder):
+            continue
+        if next(iter(find(ctx)), None) is not None:
+            return True
+    return False
+
+
+def _refresh_probes(state: _Installed) -> None:
+    """transformers caches `is_peft_available`; diffusers computes `_peft_available` once at import."""
+    tiu = sys.modules.get("transformers.utils.import_utils")
+    if tiu is not None:
+        for fn in ("is_peft_available", "is_peft_greater_or_equal"):
+            clear = getattr(getattr(tiu, fn, None), "cache_clear", None)
+            if clear is not None:
+                clear()
+    diu = sys.modules.get("diffusers.utils.import_utils")
+    if diu is not None and state is not None and not state.real_installed and hasattr(diu, "_peft_available"):
+        old = (diu._peft_available, diu._peft_version)
+        diu._peft_available, diu._peft_version = True, PEFT_VERSION
+
+        def undo(diu=diu, old=old):
+            diu._peft_available, diu._peft_version = old
+
+        state.undo.append(undo)
+
+
+def install_as_peft() -> None:
+    """Make ``import peft`` (and ``peft.<submodule>``) give peft_fast until `uninstall_as_peft()`.
+
+    Idempotent and thread-safe. Works with or without real peft installed; modules of transformers,
+    trl, diffusers and accelerate imported before the call are rebound. See the module docstring.
+    """
+    global _state
+    with _lock:
+        if _state is not None:
+            return
+        from ._alias_rebind import rebind_imported_modules
+
+        state = _Installed()
+        state.real_installed = _real_peft_distribution_exists()
+        _make_proxy(state.proxy, state.finder)
+        for name in [n for n in sys.modules if _is_peft_name(n)]:
+            state.saved_modules[name] = sys.modules.pop(name)
+        sys.meta_path.insert(0, state.finder)
+        sys.modules["peft"] = state.proxy
+        _state = state
+        try:
+            importlib.invalidate_caches()
+            _refresh_probes(state)
+            state.undo.append(rebind_imported_modules())
+        except BaseException:
+            uninstall_as_peft()
+            raise
+
+
+def uninstall_as_peft() -> None:
+    """Undo `install_as_peft()`: real peft (if installed) answers ``import peft`` again, the modules of
+    real peft set aside are back, and rebound names get their old values. Objects already built with
+    peft_fast stay peft_fast's. A no-op when the alias is not installed."""
+    global _state
+    with _lock:
+        state = _state
+        if state is None:
+            return
+        for undo in reversed(state.undo):
+            undo()
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(state.finder)
+        for name in [n for n in sys.modules if _is_peft_name(n)]:
+            del sys.modules[name]
+        sys.modules.update(state.saved_modules)
+        _state = None
+        importlib.invalidate_caches()
+        _refresh_probes(None)
+
+
+def is_installed_as_peft() -> bool:
+    """True while `install_as_peft()` is in effect."""
+    return _state is not None
+
+
+@contextlib.contextmanager
+def as_peft():
+    """``with peft_fast.as_peft(): ...``: the alias for the block only (left installed if it already was)."""
+    was = is_installed_as_peft()
+    install_as_peft()
+    try:
+        yield
+    finally:
+        if not was:
+            uninstall_as_peft()
+
+
+def _install_from_env() -> None:
+    if os.environ.get("PEFT_FAST_AS_PEFT", "0").strip().lower() in ("1", "true", "yes", "on"):
+        install_as_peft()
