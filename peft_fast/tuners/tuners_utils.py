@@ -656,3 +656,50 @@ def _progress(items, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc)
+
+
+# ---- PEFT's module-level functions (peft.functional): adapters on any nn.Module, no tuner wrapper ----------
+def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]], inference_mode: bool = False,
+                layer_cls: type = BaseTunerLayer) -> None:
+    """Make `adapter_name` (a name or a list) the active adapter(s) of every adapter layer of `model`
+    and of its auxiliary wrappers (modules_to_save, trainable tokens). A merged layer is unmerged first
+    (with PEFT's warning); `inference_mode=True` freezes the activated adapters."""
+    from ..utils.other import _set_adapter
+
+    _set_adapter(model, adapter_name, inference_mode=inference_mode)
+    for module in model.modules():
+        if isinstance(module, layer_cls):
+            if module.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                module.unmerge()
+            module.set_adapter(adapter_name, inference_mode=inference_mode)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str, prefix: str,
+                   layer_cls: type = BaseTunerLayer) -> Optional[list[str]]:
+    """Remove adapter `adapter_name` from every adapter layer and auxiliary wrapper of `model`.
+
+    `prefix` is the method's parameter prefix (``"lora_"``, ``"ia3_"``): modules whose name contains
+    it (the adapter's own sub-modules) are skipped. The config stored on the model is left alone, as
+    in PEFT. Returns the adapters active after the deletion (None when no adapter layer was found).
+    """
+    new_active: Optional[list[str]] = None
+    for key, module in model.named_modules():
+        if prefix in key:
+            continue
+        if isinstance(module, layer_cls):
+            module.delete_adapter(adapter_name)
+            if new_active is None:
+                new_active = list(module.active_adapters)
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            module.delete_adapter(adapter_name, new_active_adapters=new_active)
+    return new_active
+
+
+def set_requires_grad(model: nn.Module, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+    """Turn gradients of the given adapter(s) on (default) or off, in every adapter layer and auxiliary
+    wrapper of `model`; other adapters are left as they are."""
+    for module in model.modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            module.set_requires_grad(adapter_names=adapter_names, requires_grad=requires_grad)

@@ -325,6 +325,72 @@ def infer_device() -> str:
     return "cpu"
 
 
+def _set_adapter(model: nn.Module, adapter_name, inference_mode: bool = False) -> None:
+    """PEFT's helper: switch every AuxiliaryTrainingWrapper (modules_to_save copies, trainable tokens)
+    of `model` to `adapter_name`; a wrapper that holds none of the names gets no active adapter."""
+    for module in model.modules():
+        if not isinstance(module, AuxiliaryTrainingWrapper):
+            continue
+        name = module.check_set_adapter(adapter_name)
+        if name is not None and name in module._adapters:
+            module.set_adapter(name, inference_mode=inference_mode)
+        else:
+            module.set_adapter([], inference_mode=inference_mode)
+
+
+def _get_no_split_modules(model: nn.Module) -> set:
+    """The class names transformers keeps on one device (`_no_split_modules`) of `model` and of the
+    pretrained models inside it."""
+    names: set = set()
+    todo = [model]
+    while todo:
+        module = todo.pop()
+        if type(module).__name__ in names:
+            continue
+        own = getattr(module, "_no_split_modules", None)
+        if own:
+            names.update(own)
+        todo.extend(module.children())
+    return names
+
+
+def fsdp_auto_wrap_policy(model: nn.Module):
+    """PEFT's FSDP auto-wrap policy: wrap each transformer block (`_no_split_modules`, or the
+    comma-separated class names in FSDP_TRANSFORMER_CLS_TO_WRAP) and, separately, every leaf module
+    whose weight is trainable (the adapter layers), so frozen and trainable weights are never in one
+    flat parameter."""
+    import functools
+    import os
+
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    try:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        get_module_class_from_name = FullyShardedDataParallelPlugin.get_module_class_from_name
+    except (ImportError, AttributeError):
+        from accelerate.utils.dataclasses import get_module_class_from_name
+
+    default_names = ",".join(sorted(_get_no_split_modules(model)))
+    class_names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", default_names).split(",")
+    to_wrap = set()
+    for class_name in class_names:
+        if not class_name:
+            continue
+        cls = get_module_class_from_name(model, class_name)
+        if cls is None:
+            raise TypeError("Could not find the transformer layer class to wrap in the model.")
+        to_wrap.add(cls)
+
+    def _trainable_leaf(module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return len(list(module.named_children())) == 0 and weight is not None and weight.requires_grad
+
+    policies = [functools.partial(lambda_auto_wrap_policy, lambda_fn=_trainable_leaf),
+                functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=to_wrap)]
+    return functools.partial(_or_policy, policies=policies)
+
+
 def __getattr__(name: str):
     # PEFT defines TrainableTokensWrapper here; it lives in trainable_tokens.py (imported lazily: it
     # needs the tuner layer classes, which import this module)
