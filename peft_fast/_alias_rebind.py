@@ -20,12 +20,25 @@ PACKAGES = ("transformers", "trl", "diffusers", "accelerate")
 _ABSENT = object()
 
 
-def _from_real_peft(value: Any) -> bool:
-    if isinstance(value, types.ModuleType):
-        name = getattr(value, "__name__", "")
-    else:
-        name = getattr(value, "__module__", None) or ""
-    return isinstance(name, str) and (name == "peft" or name.startswith("peft."))
+def _origin(value: Any) -> str:
+    name = getattr(value, "__name__" if isinstance(value, types.ModuleType) else "__module__", None)
+    return name if isinstance(name, str) else ""
+
+
+def _is_alias_object(value: Any) -> bool:
+    """Something the alias handed out: peft_fast's, the ``peft`` module standing for it, or a placeholder."""
+    origin = _origin(value)
+    return (origin == "peft_fast" or origin.startswith("peft_fast.") or hasattr(value, "_peft_fast_missing")
+            or (isinstance(value, types.ModuleType) and type(value).__module__.startswith("peft_fast.")))
+
+
+def from_real_peft(value: Any) -> bool:
+    origin = _origin(value)
+    return (origin == "peft" or origin.startswith("peft.")) and not _is_alias_object(value)
+
+
+def from_alias(value: Any) -> bool:
+    return _is_alias_object(value)
 
 
 def _top_level_peft_imports(body: list[ast.stmt]) -> Iterator[tuple[str, str, str | None]]:
@@ -67,8 +80,11 @@ def _resolve(module_name: str, attr: str | None) -> Any:
     return mod if attr is None else getattr(mod, attr)
 
 
-def rebind_imported_modules(packages: tuple[str, ...] = PACKAGES) -> Callable[[], None]:
-    """Rebind the peft imports of every already-imported module of `packages`; returns the undo."""
+def rebind_imported_modules(packages: tuple[str, ...] = PACKAGES,
+                            stale: Callable[[Any], bool] = from_real_peft) -> Callable[[], None]:
+    """Rebind the top-level peft imports of every imported module of `packages` whose value is absent or
+    `stale` to what ``import peft`` gives now; returns the undo. At install `stale` is `from_real_peft`;
+    at uninstall `from_alias` (modules imported under the alias get real peft back, where installed)."""
     changes: list[tuple[types.ModuleType, str, Any, Any]] = []
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".", 1)[0] not in packages:
@@ -82,7 +98,7 @@ def rebind_imported_modules(packages: tuple[str, ...] = PACKAGES) -> Callable[[]
             continue
         for binding, mod_name, attr in _top_level_peft_imports(tree.body):
             current = module.__dict__.get(binding, _ABSENT)
-            if current is not _ABSENT and not _from_real_peft(current):
+            if current is not _ABSENT and not stale(current):
                 continue
             try:
                 new = _resolve(mod_name, attr)

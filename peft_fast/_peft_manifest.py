@@ -1,7 +1,8 @@
-"""What PEFT 0.21.2 exports, for the `peft` alias (peft_fast/peft_alias.py): its top-level names and
-its module paths. A name or module listed here that peft_fast does not provide is answered, under the alias,
-by a placeholder that raises a clear error when used (instead of an ImportError at the importing library's
-import time). Generated from the pinned peft; tests/test_peft_alias.py checks it still matches.
+"""What PEFT 0.21.2 exports, for the `peft` alias (peft_fast/peft_alias.py): its top-level names, its
+module paths, and each module's public classes and functions (ALL_CAPS constants left out). A name or module
+listed here that peft_fast does not provide is answered, under the alias, by a placeholder that raises a
+clear error when used, instead of an ImportError when the importing library loads. Generated from the pinned
+peft by `python tests/test_peft_alias.py > peft_fast/_peft_manifest.py`; a test there checks it matches.
 """
 PEFT_VERSION = '0.21.2'
 
@@ -115,3 +116,819 @@ PEFT_MODULES = (
     'peft.utils.merge_utils', 'peft.utils.other', 'peft.utils.peft_types', 'peft.utils.quantization_utils',
     'peft.utils.save_and_load', 'peft.utils.transformers_weight_conversion', 'peft.utils.warning',
 )
+
+PEFT_MODULE_NAMES = {
+    'peft.auto': (
+        'AutoPeftModel', 'AutoPeftModelForCausalLM', 'AutoPeftModelForFeatureExtraction',
+        'AutoPeftModelForQuestionAnswering', 'AutoPeftModelForSeq2SeqLM',
+        'AutoPeftModelForSequenceClassification', 'AutoPeftModelForTokenClassification',
+        'check_import_allowlist', 'get_default_import_allowlist',
+    ),
+    'peft.config': (
+        'PeftConfig', 'PeftConfigMixin', 'PromptLearningConfig',
+    ),
+    'peft.functional': (
+        'cast_adapter_dtype', 'delete_adapter', 'get_peft_model_state_dict', 'inject_adapter_in_model',
+        'set_adapter', 'set_peft_model_state_dict', 'set_requires_grad',
+    ),
+    'peft.helpers': (
+        'DoraCaching', 'KappaTuneSelector', 'MontecloraTrainerMixin', 'check_if_peft_model',
+        'disable_input_dtype_casting', 'find_kappa_target_modules', 'rescale_adapter_scale',
+        'update_forward_signature', 'update_generate_signature', 'update_signature',
+    ),
+    'peft.import_utils': (
+        'is_aqlm_available', 'is_bnb_4bit_available', 'is_bnb_available', 'is_diffusers_available',
+        'is_eetq_available', 'is_gptqmodel_available', 'is_hqq_available', 'is_inc_available',
+        'is_optimum_available', 'is_te_available', 'is_te_pytorch_available', 'is_torch_tpu_available',
+        'is_torchao_available', 'is_torchao_ge_v0_18_0', 'is_xpu_available',
+    ),
+    'peft.mapping': (
+        'get_peft_config', 'inject_adapter_in_model',
+    ),
+    'peft.mapping_func': (
+        'get_peft_model',
+    ),
+    'peft.mixed_model': (
+        'PeftMixedModel',
+    ),
+    'peft.optimizers': (
+        'create_lorafa_optimizer', 'create_loraplus_optimizer', 'create_riemannian_optimizer',
+    ),
+    'peft.optimizers.lorafa': (
+        'LoraFAOptimizer', 'create_lorafa_optimizer',
+    ),
+    'peft.optimizers.loraplus': (
+        'create_loraplus_optimizer',
+    ),
+    'peft.optimizers.riemannian': (
+        'create_riemannian_optimizer',
+    ),
+    'peft.peft_model': (
+        'PeftModel', 'PeftModelForCausalLM', 'PeftModelForFeatureExtraction', 'PeftModelForQuestionAnswering',
+        'PeftModelForSeq2SeqLM', 'PeftModelForSequenceClassification', 'PeftModelForTokenClassification',
+        'TunerLayerStatus', 'TunerModelStatus', 'get_layer_status', 'get_model_status',
+    ),
+    'peft.tuners': (
+        'AdaLoraConfig', 'AdaLoraModel', 'AdamssConfig', 'AdamssModel', 'AdaptionPromptConfig',
+        'AdaptionPromptModel', 'ArrowConfig', 'BOFTConfig', 'BOFTModel', 'BdLoraConfig', 'BeftConfig',
+        'BeftModel', 'C3AConfig', 'C3AModel', 'CPTConfig', 'CPTEmbedding', 'CartridgeConfig',
+        'CartridgeEncoder', 'DeftConfig', 'DeftModel', 'DeloraConfig', 'DeloraModel', 'EvaConfig',
+        'FourierFTConfig', 'FourierFTModel', 'FrodConfig', 'FrodModel', 'GloraConfig', 'GloraModel',
+        'GraloraConfig', 'GraloraModel', 'HRAConfig', 'HRAModel', 'HiraConfig', 'HiraModel', 'IA3Config',
+        'IA3Model', 'KasaConfig', 'LNTuningConfig', 'LNTuningModel', 'LilyConfig', 'LilyModel', 'LoHaConfig',
+        'LoHaModel', 'LoKrConfig', 'LoKrModel', 'LoftQConfig', 'LoraConfig', 'LoraGAConfig', 'LoraModel',
+        'LoraRuntimeConfig', 'MissConfig', 'MissModel', 'MixedModel', 'MontecloraConfig',
+        'MultitaskPromptEmbedding', 'MultitaskPromptTuningConfig', 'MultitaskPromptTuningInit', 'OFTConfig',
+        'OFTModel', 'OSFConfig', 'OSFModel', 'PeanutConfig', 'PeanutModel', 'PolyConfig', 'PolyModel',
+        'PrefixEncoder', 'PrefixTuningConfig', 'PromptEmbedding', 'PromptEncoder', 'PromptEncoderConfig',
+        'PromptEncoderReparameterizationType', 'PromptTuningConfig', 'PromptTuningInit', 'PsoftConfig',
+        'PsoftModel', 'PveraConfig', 'PveraModel', 'RandLoraConfig', 'RandLoraModel', 'RoadConfig',
+        'RoadModel', 'ShadowConfig', 'ShadowModel', 'ShiraConfig', 'ShiraModel', 'SupertuningConfig',
+        'SupertuningModel', 'TinyLoraConfig', 'TinyLoraModel', 'TrainableTokensConfig',
+        'TrainableTokensModel', 'UniLoraConfig', 'UniLoraModel', 'VBLoRAConfig', 'VBLoRAModel',
+        'VeloraConfig', 'VeraConfig', 'VeraModel', 'WaveFTConfig', 'WaveFTModel', 'XLoraConfig', 'XLoraModel',
+        'convert_to_lora', 'create_arrow_model', 'get_eva_state_dict', 'initialize_lora_eva_weights',
+        'preprocess_loraga', 'save_as_lora',
+    ),
+    'peft.tuners._buffer_dict': (
+        'BufferDict',
+    ),
+    'peft.tuners.adalora': (
+        'AdaLoraConfig', 'AdaLoraLayer', 'AdaLoraModel', 'RankAllocator', 'SVDConv2d', 'SVDLinear',
+        'SVDQuantLinear',
+    ),
+    'peft.tuners.adalora.bnb': (
+        'SVDLinear4bit', 'SVDLinear8bitLt',
+    ),
+    'peft.tuners.adalora.config': (
+        'AdaLoraConfig',
+    ),
+    'peft.tuners.adalora.gptq': (
+        'SVDQuantLinear',
+    ),
+    'peft.tuners.adalora.layer': (
+        'AdaLoraLayer', 'RankAllocator', 'SVDConv2d', 'SVDLinear',
+    ),
+    'peft.tuners.adalora.model': (
+        'AdaLoraModel',
+    ),
+    'peft.tuners.adamss': (
+        'AdamssConfig', 'AdamssLayer', 'AdamssModel', 'Linear',
+    ),
+    'peft.tuners.adamss.asa_callback': (
+        'AdamssAsaCallback',
+    ),
+    'peft.tuners.adamss.config': (
+        'AdamssConfig',
+    ),
+    'peft.tuners.adamss.layer': (
+        'AdamssLayer', 'Linear',
+    ),
+    'peft.tuners.adamss.model': (
+        'AdamssModel',
+    ),
+    'peft.tuners.adamss.utils': (
+        'clustering_Z', 'get_trainable_subspaces', 'seg_locations', 'slice_pca',
+    ),
+    'peft.tuners.adaption_prompt': (
+        'AdaptedAttention', 'AdaptionPromptConfig', 'AdaptionPromptModel',
+    ),
+    'peft.tuners.adaption_prompt.config': (
+        'AdaptionPromptConfig', 'ModelTypeConfig', 'prepare_config',
+    ),
+    'peft.tuners.adaption_prompt.layer': (
+        'AdaptedAttention', 'AdaptedAttentionGPT',
+    ),
+    'peft.tuners.adaption_prompt.model': (
+        'AdaptionPromptModel',
+    ),
+    'peft.tuners.adaption_prompt.utils': (
+        'gpt2_compute_query_states', 'is_adaption_prompt_trainable', 'llama_apply_rotary_pos_emb',
+        'llama_compute_query_states', 'llama_rotate_half',
+    ),
+    'peft.tuners.beft': (
+        'BeftConfig', 'BeftLayer', 'BeftModel', 'Linear',
+    ),
+    'peft.tuners.beft.config': (
+        'BeftConfig',
+    ),
+    'peft.tuners.beft.layer': (
+        'BeftLayer', 'Linear',
+    ),
+    'peft.tuners.beft.model': (
+        'BeftModel',
+    ),
+    'peft.tuners.boft': (
+        'BOFTConfig', 'BOFTLayer', 'BOFTModel',
+    ),
+    'peft.tuners.boft.config': (
+        'BOFTConfig',
+    ),
+    'peft.tuners.boft.layer': (
+        'BOFTLayer', 'Conv2d', 'FastBlockDiag', 'Linear', 'MultiplicativeDropoutLayer', 'get_fbd_cuda',
+        'patch_environment',
+    ),
+    'peft.tuners.boft.model': (
+        'BOFTModel',
+    ),
+    'peft.tuners.c3a': (
+        'C3AConfig', 'C3ALayer', 'C3ALinear', 'C3AModel',
+    ),
+    'peft.tuners.c3a.config': (
+        'C3AConfig',
+    ),
+    'peft.tuners.c3a.layer': (
+        'C3ALayer', 'C3ALinear',
+    ),
+    'peft.tuners.c3a.model': (
+        'C3AModel',
+    ),
+    'peft.tuners.c3a.utils': (
+        'BlockCircularConvolution', 'get_circulant_fast',
+    ),
+    'peft.tuners.cartridge': (
+        'CartridgeConfig', 'CartridgeEncoder',
+    ),
+    'peft.tuners.cartridge.config': (
+        'CartridgeConfig',
+    ),
+    'peft.tuners.cartridge.model': (
+        'CartridgeEncoder',
+    ),
+    'peft.tuners.cartridge.utils': (
+        'compose_cartridge_adapters', 'initialize_kv_prefix_from_past_key_values',
+        'initialize_kv_prefix_from_text', 'prompt_embeddings_from_past_key_values',
+    ),
+    'peft.tuners.cpt': (
+        'CPTConfig', 'CPTEmbedding',
+    ),
+    'peft.tuners.cpt.config': (
+        'CPTConfig',
+    ),
+    'peft.tuners.cpt.model': (
+        'CPTEmbedding',
+    ),
+    'peft.tuners.deft': (
+        'DeftConfig', 'DeftLayer', 'DeftLinear', 'DeftModel',
+    ),
+    'peft.tuners.deft.config': (
+        'DeftConfig',
+    ),
+    'peft.tuners.deft.layer': (
+        'DeftLayer', 'DeftLinear',
+    ),
+    'peft.tuners.deft.model': (
+        'DeftModel',
+    ),
+    'peft.tuners.delora': (
+        'DeloraConfig', 'DeloraLayer', 'DeloraLinear', 'DeloraModel',
+    ),
+    'peft.tuners.delora.config': (
+        'DeloraConfig',
+    ),
+    'peft.tuners.delora.layer': (
+        'DeloraLayer', 'DeloraLinear',
+    ),
+    'peft.tuners.delora.model': (
+        'DeloraModel',
+    ),
+    'peft.tuners.fourierft': (
+        'FourierFTConfig', 'FourierFTLayer', 'FourierFTLinear', 'FourierFTModel',
+    ),
+    'peft.tuners.fourierft.config': (
+        'FourierFTConfig',
+    ),
+    'peft.tuners.fourierft.layer': (
+        'FourierFTLayer', 'FourierFTLinear',
+    ),
+    'peft.tuners.fourierft.model': (
+        'FourierFTModel',
+    ),
+    'peft.tuners.frod': (
+        'FrodConfig', 'FrodLayer', 'FrodModel', 'Linear',
+    ),
+    'peft.tuners.frod.config': (
+        'FrodConfig',
+    ),
+    'peft.tuners.frod.layer': (
+        'FrodLayer', 'Linear',
+    ),
+    'peft.tuners.frod.model': (
+        'FrodModel',
+    ),
+    'peft.tuners.glora': (
+        'GloraConfig', 'GloraLayer', 'GloraLinear', 'GloraModel',
+    ),
+    'peft.tuners.glora.config': (
+        'GloraConfig',
+    ),
+    'peft.tuners.glora.layer': (
+        'GloraEmptyPath', 'GloraLayer', 'GloraLinear', 'GloraLoraPath', 'GloraPath', 'GloraScalarPath',
+        'GloraVectorPath',
+    ),
+    'peft.tuners.glora.model': (
+        'GloraModel',
+    ),
+    'peft.tuners.gralora': (
+        'GraloraConfig', 'GraloraLayer', 'GraloraModel',
+    ),
+    'peft.tuners.gralora.config': (
+        'GraloraConfig',
+    ),
+    'peft.tuners.gralora.layer': (
+        'GraloraLayer', 'Linear',
+    ),
+    'peft.tuners.gralora.model': (
+        'GraloraModel',
+    ),
+    'peft.tuners.hira': (
+        'Conv2d', 'Conv3d', 'Embedding', 'HiraConfig', 'HiraLayer', 'HiraModel', 'Linear',
+    ),
+    'peft.tuners.hira.bnb': (
+        'Linear4bit', 'Linear8bitLt', 'dispatch_bnb_4bit', 'dispatch_bnb_8bit',
+    ),
+    'peft.tuners.hira.config': (
+        'HiraConfig',
+    ),
+    'peft.tuners.hira.layer': (
+        'Conv1d', 'Conv2d', 'Conv3d', 'Embedding', 'HiraLayer', 'Linear', 'dispatch_default',
+    ),
+    'peft.tuners.hira.model': (
+        'HiraModel',
+    ),
+    'peft.tuners.hra': (
+        'HRAConfig', 'HRAConv2d', 'HRALayer', 'HRALinear', 'HRAModel',
+    ),
+    'peft.tuners.hra.config': (
+        'HRAConfig',
+    ),
+    'peft.tuners.hra.layer': (
+        'HRAConv2d', 'HRALayer', 'HRALinear',
+    ),
+    'peft.tuners.hra.model': (
+        'HRAModel',
+    ),
+    'peft.tuners.ia3': (
+        'Conv2d', 'Conv3d', 'IA3Config', 'IA3Layer', 'IA3Model', 'Linear',
+    ),
+    'peft.tuners.ia3.bnb': (
+        'Linear4bit', 'Linear8bitLt',
+    ),
+    'peft.tuners.ia3.config': (
+        'IA3Config',
+    ),
+    'peft.tuners.ia3.layer': (
+        'Conv2d', 'Conv3d', 'IA3Layer', 'Linear',
+    ),
+    'peft.tuners.ia3.model': (
+        'IA3Model',
+    ),
+    'peft.tuners.lily': (
+        'LilyConfig', 'LilyLayer', 'LilyModel', 'Linear',
+    ),
+    'peft.tuners.lily.config': (
+        'LilyConfig',
+    ),
+    'peft.tuners.lily.layer': (
+        'LilyLayer', 'Linear',
+    ),
+    'peft.tuners.lily.model': (
+        'LilyModel',
+    ),
+    'peft.tuners.ln_tuning': (
+        'LNTuningConfig', 'LNTuningModel',
+    ),
+    'peft.tuners.ln_tuning.config': (
+        'LNTuningConfig',
+    ),
+    'peft.tuners.ln_tuning.layer': (
+        'LNTuningLayer',
+    ),
+    'peft.tuners.ln_tuning.model': (
+        'LNTuningModel',
+    ),
+    'peft.tuners.loha': (
+        'Conv2d', 'Linear', 'LoHaConfig', 'LoHaLayer', 'LoHaModel',
+    ),
+    'peft.tuners.loha.config': (
+        'LoHaConfig',
+    ),
+    'peft.tuners.loha.layer': (
+        'Conv1d', 'Conv2d', 'HadaWeight', 'HadaWeightCP', 'Linear', 'LoHaLayer', 'make_weight',
+        'make_weight_cp',
+    ),
+    'peft.tuners.loha.model': (
+        'LoHaModel',
+    ),
+    'peft.tuners.lokr': (
+        'Conv2d', 'Linear', 'LoKrConfig', 'LoKrLayer', 'LoKrModel',
+    ),
+    'peft.tuners.lokr.config': (
+        'LoKrConfig',
+    ),
+    'peft.tuners.lokr.layer': (
+        'Conv1d', 'Conv2d', 'Linear', 'LoKrLayer', 'factorization', 'make_kron', 'make_weight_cp',
+    ),
+    'peft.tuners.lokr.model': (
+        'LoKrModel',
+    ),
+    'peft.tuners.lora': (
+        'ArrowConfig', 'BdLoraConfig', 'Conv2d', 'Conv3d', 'Embedding', 'EvaConfig', 'GPTQLoraLinear',
+        'KasaConfig', 'Linear', 'LoftQConfig', 'LoraConfig', 'LoraGAConfig', 'LoraLayer', 'LoraModel',
+        'LoraRuntimeConfig', 'MontecloraConfig', 'ParamWrapper', 'VeloraConfig', 'convert_to_lora',
+        'create_arrow_model', 'get_eva_state_dict', 'initialize_lora_eva_weights', 'preprocess_loraga',
+        'save_as_lora',
+    ),
+    'peft.tuners.lora.aqlm': (
+        'AqlmLoraLinear', 'dispatch_aqlm',
+    ),
+    'peft.tuners.lora.arrow': (
+        'ArrowLoraLinearLayer', 'check_loaded_lora_compatibility_arrow', 'create_arrow_model',
+        'ensure_adapters_target_linear_layers_only',
+    ),
+    'peft.tuners.lora.awq': (
+        'AwqLoraLinear', 'dispatch_awq',
+    ),
+    'peft.tuners.lora.bnb': (
+        'Linear4bit', 'Linear8bitLt', 'dispatch_bnb_4bit', 'dispatch_bnb_8bit',
+    ),
+    'peft.tuners.lora.config': (
+        'ArrowConfig', 'BdLoraConfig', 'CordaConfig', 'EvaConfig', 'KasaConfig', 'LoftQConfig', 'LoraConfig',
+        'LoraGAConfig', 'LoraRuntimeConfig', 'MontecloraConfig', 'VeloraConfig',
+    ),
+    'peft.tuners.lora.conversion': (
+        'convert_to_lora', 'save_as_lora',
+    ),
+    'peft.tuners.lora.dora': (
+        'DoraConv1dLayer', 'DoraConv2dLayer', 'DoraConv3dLayer', 'DoraEmbeddingLayer', 'DoraLinearLayer',
+        'cache_decorator',
+    ),
+    'peft.tuners.lora.eetq': (
+        'dispatch_eetq',
+    ),
+    'peft.tuners.lora.eva': (
+        'HashHook', 'SVDHook', 'find_equal_values', 'forward_fn_dict', 'get_device_with_meta_params',
+        'get_eva_state_dict', 'initialize_lora_eva_weights', 'move_inputs_to_device',
+        'prepare_layer_inputs_fn_language_modeling', 'prepare_model_inputs_fn_language_modeling',
+    ),
+    'peft.tuners.lora.gptq': (
+        'GPTQLoraLinear', 'dispatch_gptq',
+    ),
+    'peft.tuners.lora.hqq': (
+        'dispatch_hqq',
+    ),
+    'peft.tuners.lora.inc': (
+        'dispatch_inc',
+    ),
+    'peft.tuners.lora.intruders': (
+        'reduce_intruder_dimension',
+    ),
+    'peft.tuners.lora.layer': (
+        'Conv1d', 'Conv2d', 'Conv3d', 'Embedding', 'Linear', 'LoraEmbeddingATPHolder', 'LoraLayer',
+        'LoraVariant', 'MultiheadAttention', 'ParamWrapper', 'dispatch_default',
+    ),
+    'peft.tuners.lora.loraga': (
+        'estimate_gradients', 'get_model_device', 'get_target_modules', 'preprocess_loraga',
+    ),
+    'peft.tuners.lora.model': (
+        'LoraModel', 'add_lora_tp_hooks_dtensor', 'get_tp_plan_and_mesh',
+    ),
+    'peft.tuners.lora.monteclora': (
+        'BufferedMontecloraSampler', 'MontecloraSampler',
+    ),
+    'peft.tuners.lora.te': (
+        'TeLinear', 'dispatch_transformer_engine',
+    ),
+    'peft.tuners.lora.torchao': (
+        'TorchaoLoraLinear', 'dispatch_torchao',
+    ),
+    'peft.tuners.lora.tp_layer': (
+        'LoraParallelLinear', 'dispatch_megatron', 'get_default_module_allowlist',
+    ),
+    'peft.tuners.lora.variants': (
+        'ALoraLinearVariant', 'ArrowLinearVariant', 'BdLoraLinearVariant', 'BlockDiagonalLinear',
+        'DoraConv1dVariant', 'DoraConv2dVariant', 'DoraConv3dVariant', 'DoraEmbeddingVariant',
+        'DoraLinearVariant', 'KasaLinearVariant', 'MiCAEmbeddingVariant', 'MiCALinearVariant',
+        'MontecloraLinearVariant', 'QALoraLinearVariant', 'VeloraLinearVariant', 'calculate_alora_offsets',
+        'get_alora_offsets_for_forward', 'get_alora_offsets_for_generate', 'is_alora_relevant_in_batch',
+    ),
+    'peft.tuners.lora.velora': (
+        'VeloraFunction',
+    ),
+    'peft.tuners.lycoris_utils': (
+        'LycorisConfig', 'LycorisLayer', 'LycorisTuner',
+    ),
+    'peft.tuners.miss': (
+        'MissConfig', 'MissLayer', 'MissLinear', 'MissModel',
+    ),
+    'peft.tuners.miss.config': (
+        'MissConfig',
+    ),
+    'peft.tuners.miss.layer': (
+        'MissLayer', 'MissLinear',
+    ),
+    'peft.tuners.miss.model': (
+        'MissModel',
+    ),
+    'peft.tuners.mixed': (
+        'MixedModel',
+    ),
+    'peft.tuners.mixed.model': (
+        'MixedModel',
+    ),
+    'peft.tuners.multitask_prompt_tuning': (
+        'MultitaskPromptEmbedding', 'MultitaskPromptTuningConfig', 'MultitaskPromptTuningInit',
+    ),
+    'peft.tuners.multitask_prompt_tuning.config': (
+        'MultitaskPromptTuningConfig', 'MultitaskPromptTuningInit',
+    ),
+    'peft.tuners.multitask_prompt_tuning.model': (
+        'MultitaskPromptEmbedding',
+    ),
+    'peft.tuners.oft': (
+        'Conv2d', 'Embedding', 'Linear', 'OFTConfig', 'OFTLayer', 'OFTModel',
+    ),
+    'peft.tuners.oft.config': (
+        'OFTConfig',
+    ),
+    'peft.tuners.oft.layer': (
+        'Conv2d', 'Embedding', 'Linear', 'MultiplicativeDropoutLayer', 'OFTLayer', 'OFTRotationModule',
+    ),
+    'peft.tuners.oft.model': (
+        'OFTModel',
+    ),
+    'peft.tuners.osf': (
+        'Linear', 'OSFConfig', 'OSFLayer', 'OSFModel',
+    ),
+    'peft.tuners.osf.config': (
+        'OSFConfig',
+    ),
+    'peft.tuners.osf.layer': (
+        'Linear', 'OSFLayer', 'dispatch_default',
+    ),
+    'peft.tuners.osf.model': (
+        'OSFModel',
+    ),
+    'peft.tuners.osf.utils': (
+        'decompose_weight_matrix', 'project_gradient_to_orthogonal_space',
+    ),
+    'peft.tuners.p_tuning': (
+        'PromptEncoder', 'PromptEncoderConfig', 'PromptEncoderReparameterizationType',
+    ),
+    'peft.tuners.p_tuning.config': (
+        'PromptEncoderConfig', 'PromptEncoderReparameterizationType',
+    ),
+    'peft.tuners.p_tuning.model': (
+        'PromptEncoder',
+    ),
+    'peft.tuners.peanut': (
+        'Linear', 'PeanutConfig', 'PeanutLayer', 'PeanutModel',
+    ),
+    'peft.tuners.peanut.config': (
+        'PeanutConfig',
+    ),
+    'peft.tuners.peanut.layer': (
+        'Linear', 'PeanutLayer',
+    ),
+    'peft.tuners.peanut.model': (
+        'PeanutModel',
+    ),
+    'peft.tuners.poly': (
+        'Linear', 'PolyConfig', 'PolyLayer', 'PolyModel',
+    ),
+    'peft.tuners.poly.config': (
+        'PolyConfig',
+    ),
+    'peft.tuners.poly.layer': (
+        'Linear', 'PolyLayer',
+    ),
+    'peft.tuners.poly.model': (
+        'PolyModel',
+    ),
+    'peft.tuners.poly.router': (
+        'PolyRouter', 'Router', 'get_router',
+    ),
+    'peft.tuners.prefix_tuning': (
+        'PrefixEncoder', 'PrefixTuningConfig',
+    ),
+    'peft.tuners.prefix_tuning.config': (
+        'PrefixTuningConfig',
+    ),
+    'peft.tuners.prefix_tuning.model': (
+        'PrefixEncoder',
+    ),
+    'peft.tuners.prompt_tuning': (
+        'PromptEmbedding', 'PromptTuningConfig', 'PromptTuningInit',
+    ),
+    'peft.tuners.prompt_tuning.config': (
+        'PromptTuningConfig', 'PromptTuningInit',
+    ),
+    'peft.tuners.prompt_tuning.model': (
+        'PromptEmbedding',
+    ),
+    'peft.tuners.psoft': (
+        'Linear', 'PsoftConfig', 'PsoftLayer', 'PsoftModel',
+    ),
+    'peft.tuners.psoft.config': (
+        'PsoftConfig',
+    ),
+    'peft.tuners.psoft.layer': (
+        'Linear', 'OrthLayer', 'PsoftLayer', 'dispatch_default',
+    ),
+    'peft.tuners.psoft.model': (
+        'PsoftModel',
+    ),
+    'peft.tuners.pvera': (
+        'Linear', 'PveraConfig', 'PveraLayer', 'PveraModel',
+    ),
+    'peft.tuners.pvera.bnb': (
+        'Linear4bit', 'Linear8bitLt',
+    ),
+    'peft.tuners.pvera.config': (
+        'PveraConfig',
+    ),
+    'peft.tuners.pvera.layer': (
+        'Linear', 'PveraLayer',
+    ),
+    'peft.tuners.pvera.model': (
+        'PveraModel',
+    ),
+    'peft.tuners.randlora': (
+        'Linear', 'RandLoraConfig', 'RandLoraLayer', 'RandLoraModel',
+    ),
+    'peft.tuners.randlora.bnb': (
+        'Linear4bit', 'Linear8bitLt',
+    ),
+    'peft.tuners.randlora.config': (
+        'RandLoraConfig',
+    ),
+    'peft.tuners.randlora.layer': (
+        'Linear', 'RandLoraLayer', 'UniqueBaseGrad',
+    ),
+    'peft.tuners.randlora.model': (
+        'RandLoraModel',
+    ),
+    'peft.tuners.road': (
+        'Linear', 'RoadConfig', 'RoadLayer', 'RoadModel',
+    ),
+    'peft.tuners.road.bnb': (
+        'Linear4bit', 'Linear8bitLt', 'dispatch_bnb_4bit', 'dispatch_bnb_8bit',
+    ),
+    'peft.tuners.road.config': (
+        'RoadConfig',
+    ),
+    'peft.tuners.road.layer': (
+        'Linear', 'RoadLayer', 'dispatch_default',
+    ),
+    'peft.tuners.road.model': (
+        'RoadModel',
+    ),
+    'peft.tuners.shadow': (
+        'DetachedShadowModel', 'ShadowCache', 'ShadowCarrier', 'ShadowConfig', 'ShadowLayer', 'ShadowModel',
+    ),
+    'peft.tuners.shadow.config': (
+        'ShadowConfig',
+    ),
+    'peft.tuners.shadow.diffusion_models': (
+        'DetachedFluxShadowModel', 'DiffusionShadowBackend', 'Flux2ShadowBackend',
+        'freeze_flux_stem_embeddings', 'get_diffusion_shadow_backend', 'validate_pretrained_flux_shadow',
+    ),
+    'peft.tuners.shadow.layers': (
+        'DetachedShadowModel', 'ShadowCache', 'ShadowCarrier', 'ShadowLayer',
+    ),
+    'peft.tuners.shadow.model': (
+        'ShadowModel',
+    ),
+    'peft.tuners.shira': (
+        'Linear', 'ShiraConfig', 'ShiraLayer', 'ShiraModel',
+    ),
+    'peft.tuners.shira.config': (
+        'ShiraConfig',
+    ),
+    'peft.tuners.shira.layer': (
+        'Linear', 'ShiraLayer',
+    ),
+    'peft.tuners.shira.mask_functions': (
+        'random_mask',
+    ),
+    'peft.tuners.shira.model': (
+        'ShiraModel',
+    ),
+    'peft.tuners.supertuning': (
+        'Linear', 'SupertuningConfig', 'SupertuningLayer', 'SupertuningModel',
+    ),
+    'peft.tuners.supertuning.config': (
+        'SupertuningConfig',
+    ),
+    'peft.tuners.supertuning.layer': (
+        'Linear', 'SupertuningLayer',
+    ),
+    'peft.tuners.supertuning.model': (
+        'SupertuningModel',
+    ),
+    'peft.tuners.tinylora': (
+        'Embedding', 'Linear', 'TinyLoraConfig', 'TinyLoraLayer', 'TinyLoraModel',
+    ),
+    'peft.tuners.tinylora.config': (
+        'TinyLoraConfig',
+    ),
+    'peft.tuners.tinylora.layer': (
+        'Embedding', 'Linear', 'TinyLoraLayer',
+    ),
+    'peft.tuners.tinylora.model': (
+        'TinyLoraModel',
+    ),
+    'peft.tuners.trainable_tokens': (
+        'TrainableTokensConfig', 'TrainableTokensLayer', 'TrainableTokensModel',
+    ),
+    'peft.tuners.trainable_tokens.config': (
+        'TrainableTokensConfig',
+    ),
+    'peft.tuners.trainable_tokens.layer': (
+        'TrainableTokensLayer',
+    ),
+    'peft.tuners.trainable_tokens.model': (
+        'TrainableTokensModel',
+    ),
+    'peft.tuners.tuners_utils': (
+        'BasePromptEncoder', 'BaseTuner', 'BaseTunerLayer', 'cast_adapter_dtype', 'check_adapters_to_merge',
+        'check_target_module_exists', 'clone_module', 'delete_adapter', 'find_parameter_name_by_module',
+        'get_device_map', 'inspect_matched_modules', 'onload_layer', 'replicate_layers', 'set_adapter',
+        'set_requires_grad',
+    ),
+    'peft.tuners.unilora': (
+        'Linear', 'UniLoraConfig', 'UniLoraLayer', 'UniLoraModel',
+    ),
+    'peft.tuners.unilora.config': (
+        'UniLoraConfig',
+    ),
+    'peft.tuners.unilora.layer': (
+        'Linear', 'UniLoraLayer',
+    ),
+    'peft.tuners.unilora.model': (
+        'UniLoraModel',
+    ),
+    'peft.tuners.vblora': (
+        'Linear', 'VBLoRAConfig', 'VBLoRALayer', 'VBLoRAModel',
+    ),
+    'peft.tuners.vblora.config': (
+        'VBLoRAConfig',
+    ),
+    'peft.tuners.vblora.layer': (
+        'Linear', 'VBLoRALayer',
+    ),
+    'peft.tuners.vblora.model': (
+        'VBLoRAModel',
+    ),
+    'peft.tuners.vera': (
+        'Linear', 'VeraConfig', 'VeraLayer', 'VeraModel',
+    ),
+    'peft.tuners.vera.config': (
+        'VeraConfig',
+    ),
+    'peft.tuners.vera.layer': (
+        'Linear', 'VeraLayer',
+    ),
+    'peft.tuners.vera.model': (
+        'VeraModel',
+    ),
+    'peft.tuners.waveft': (
+        'WaveFTConfig', 'WaveFTLayer', 'WaveFTLinear', 'WaveFTModel',
+    ),
+    'peft.tuners.waveft.config': (
+        'WaveFTConfig',
+    ),
+    'peft.tuners.waveft.layer': (
+        'WaveFTLayer', 'WaveFTLinear',
+    ),
+    'peft.tuners.waveft.model': (
+        'WaveFTModel',
+    ),
+    'peft.tuners.waveft.wavelet': (
+        'Wavelet', 'wavelist',
+    ),
+    'peft.tuners.waveft.waverec2d': (
+        'Wavelet', 'WaveletDetailTuple2d', 'WaveletTensorTuple', 'waverec2d',
+    ),
+    'peft.tuners.xlora': (
+        'XLoraConfig', 'XLoraModel',
+    ),
+    'peft.tuners.xlora.classifier': (
+        'TemperatureScaledSoftmax', 'XLoraClassifier',
+    ),
+    'peft.tuners.xlora.config': (
+        'XLoraConfig',
+    ),
+    'peft.tuners.xlora.layer': (
+        'XLoraConv2dLayer', 'XLoraEmbeddingLayer', 'XLoraLayer', 'XLoraLinearLayer',
+    ),
+    'peft.tuners.xlora.model': (
+        'XLoraModel', 'convert_layers_to_xlora',
+    ),
+    'peft.utils': (
+        'AuxiliaryTrainingWrapper', 'ModulesToSaveWrapper', 'NoMatchingPeftModuleError', 'PeftError',
+        'PeftType', 'PeftWarning', 'TaskType', 'TrainableTokensWrapper',
+        'bloom_model_postprocess_past_key_value', 'cast_mixed_precision_params', 'get_base_model_state_dict',
+        'get_gptqmodel_quant_linear', 'get_peft_model_state_dict', 'get_quantization_config',
+        'get_quantization_kwargs', 'id_tensor_storage', 'infer_device', 'load_peft_weights',
+        'map_cache_to_layer_device_map', 'prepare_model_for_kbit_training', 'quantization_extra_repr',
+        'register_peft_method', 'replace_lora_weights_loftq', 'resolve_quantization_backend',
+        'set_additional_trainable_modules', 'set_base_model_state_dict', 'set_peft_model_state_dict',
+        'shift_tokens_right', 'transpose',
+    ),
+    'peft.utils.constants': (
+        'bloom_model_postprocess_past_key_value', 'starcoder_model_postprocess_past_key_value',
+    ),
+    'peft.utils.error': (
+        'NoMatchingPeftModuleError', 'PeftError',
+    ),
+    'peft.utils.hotswap': (
+        'check_hotswap_configs_compatible', 'hotswap_adapter', 'hotswap_adapter_from_state_dict',
+        'prepare_model_for_compiled_hotswap',
+    ),
+    'peft.utils.incremental_pca': (
+        'IncrementalPCA',
+    ),
+    'peft.utils.integrations': (
+        'TpInfo', 'check_deepspeed_zero3_enabled', 'dequantize_bnb_weight', 'dequantize_module_weight',
+        'dtensor_from_local_like', 'gather_params_ctx', 'get_bnb_param_type', 'get_layer_device_map',
+        'init_empty_weights', 'map_cache_to_layer_device_map', 'skip_init_on_device',
+    ),
+    'peft.utils.loftq_utils': (
+        'loftq_init', 'replace_lora_weights_loftq',
+    ),
+    'peft.utils.merge_utils': (
+        'calculate_majority_sign_mask', 'dare_linear', 'dare_ties', 'disjoint_merge',
+        'magnitude_based_pruning', 'magnitude_prune', 'prune', 'random_pruning',
+        'reshape_weight_task_tensors', 'task_arithmetic', 'ties',
+    ),
+    'peft.utils.other': (
+        'AuxiliaryTrainingWrapper', 'ModulesToSaveWrapper', 'TrainableTokensWrapper',
+        'bloom_model_postprocess_past_key_value', 'cast_mixed_precision_params',
+        'check_file_exists_on_hf_hub', 'create_attention_mask', 'fsdp_auto_wrap_policy',
+        'get_gptqmodel_quant_linear', 'get_pattern_key', 'get_quantization_config', 'id_tensor_storage',
+        'infer_device', 'is_gptqmodel_awq_layer', 'is_gptqmodel_quant_linear', 'match_target_against_key',
+        'prepare_model_for_kbit_training', 'set_additional_trainable_modules', 'shift_tokens_right',
+        'starcoder_model_postprocess_past_key_value', 'str_to_bool', 'transpose',
+    ),
+    'peft.utils.peft_types': (
+        'PeftType', 'TaskType', 'register_peft_method',
+    ),
+    'peft.utils.quantization_utils': (
+        'Bnb4bitBackend', 'Bnb8bitBackend', 'ForwardOnlyQuantizationBackend', 'HqqBackend',
+        'QuantizationBackend', 'TorchaoBackend', 'get_quantization_kwargs', 'quantization_extra_repr',
+        'resolve_quantization_backend',
+    ),
+    'peft.utils.save_and_load': (
+        'get_base_model_state_dict', 'get_embedding_layer_name', 'get_peft_model_state_dict',
+        'has_valid_embedding_base_layer', 'load_peft_weights', 'set_base_model_state_dict',
+        'set_peft_model_state_dict', 'torch_load',
+    ),
+    'peft.utils.transformers_weight_conversion': (
+        'FlattenDims', 'PeftConcatenate', 'PermuteDims', 'build_peft_weight_mapping',
+        'convert_peft_adapter_state_dict_for_transformers', 'convert_peft_config_for_transformers',
+    ),
+    'peft.utils.warning': (
+        'PeftWarning',
+    ),
+}

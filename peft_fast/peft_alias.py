@@ -24,7 +24,8 @@ What it does, all undone by `uninstall_as_peft()`:
   transformers' and diffusers' cached probes are refreshed.
 - Modules of transformers, trl, diffusers and accelerate imported *before* the call keep what their
   top-level ``from peft import ...`` bound (real peft's classes), or never bound it (no peft installed);
-  those names are rebound to peft_fast's (`_alias_rebind`).
+  those names are rebound to peft_fast's (`_alias_rebind`). On uninstall the other way round: what
+  modules imported under the alias bound is rebound to real peft's objects, where peft is installed.
 - A name or module PEFT has and peft_fast does not (e.g. ``peft.VeraConfig``, ``peft.tuners.loha``) is a
   placeholder (`_alias_missing`): importing it works, so a library that imports it at the top still
   loads; using it raises NotImplementedError naming it. Anything PEFT does not have either raises the
@@ -46,7 +47,7 @@ import types
 from typing import Any
 
 from ._alias_missing import missing_module, missing_name
-from ._peft_manifest import PEFT_ALL, PEFT_MODULES, PEFT_VERSION
+from ._peft_manifest import PEFT_ALL, PEFT_MODULE_NAMES, PEFT_MODULES, PEFT_VERSION
 
 __all__ = ["PEFT_VERSION", "as_peft", "install_as_peft", "is_installed_as_peft", "uninstall_as_peft"]
 
@@ -143,12 +144,30 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         # importlib set the alias spec (and an empty __path__) on it: a peft_fast module keeps its own
-        own = self._own.pop(module.__spec__.name, None)
+        fullname = module.__spec__.name
+        own = self._own.pop(fullname, None)
         if own is not None:
             module.__spec__ = own[0]
             if not own[1]:
                 with contextlib.suppress(AttributeError):
                     del module.__path__
+            _answer_missing_names(module, fullname)
+
+
+def _answer_missing_names(module: types.ModuleType, fullname: str) -> None:
+    """Give the peft_fast module standing for PEFT's `fullname` a module ``__getattr__`` (PEP 562) that
+    answers the names PEFT has there and peft_fast lacks with placeholders; removed on uninstall."""
+    names = frozenset(PEFT_MODULE_NAMES.get(fullname, ()))
+    if not names or "__getattr__" in module.__dict__ or _state is None:
+        return
+
+    def __getattr__(name: str, _module=module.__name__, _peft=fullname, _names=names):
+        if name in _names:
+            return missing_name(f"{_peft}.{name}", real_peft_installed=_real_peft_installed())
+        raise AttributeError(f"module {_module!r} has no attribute {name!r}")
+
+    module.__getattr__ = __getattr__
+    _state.undo.append(lambda: module.__dict__.get("__getattr__") is __getattr__ and delattr(module, "__getattr__"))
 
 
 class _Installed:
@@ -250,6 +269,10 @@ def uninstall_as_peft() -> None:
         _state = None
         importlib.invalidate_caches()
         _refresh_probes(None)
+        # modules imported under the alias bound peft_fast's objects: real peft's again, where installed
+        from ._alias_rebind import from_alias, rebind_imported_modules
+
+        rebind_imported_modules(stale=from_alias)
 
 
 def is_installed_as_peft() -> bool:

@@ -1,0 +1,305 @@
+"""`peft_fast.install_as_peft()`: ``import peft`` gives peft_fast, undoably, with and without real peft."""
+import importlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import peft_fast
+from peft_fast import _peft_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def alias():
+    peft_fast.install_as_peft()
+    try:
+        yield
+    finally:
+        peft_fast.uninstall_as_peft()
+
+
+def _run(code: str, *, hide_peft: bool, env=None) -> dict:
+    """Run `code` in a fresh interpreter (real peft hidden if asked); it prints one JSON line last."""
+    prelude = "import tests.no_peft as _n; _n.hide_real_peft()\n" if hide_peft else ""
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "PEFT_FAST_TRAINER_INTEGRATION": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_import_peft_gives_peft_fast_and_uninstall_gives_real_peft_back():
+    import peft as real
+
+    real_lora = sys.modules.get("peft.tuners.lora")
+    with peft_fast.as_peft():
+        assert peft_fast.is_installed_as_peft()
+        import peft
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        assert peft is not real and peft.__version__ == _peft_manifest.PEFT_VERSION
+        assert LoraConfig is peft_fast.LoraConfig and PeftModel is peft_fast.PeftModel
+        assert get_peft_model is peft_fast.get_peft_model
+        # the same module objects under both names; peft_fast's modules keep their own spec
+        import peft_fast.tuners.lora.layer as own
+
+        assert sys.modules["peft.tuners.lora.layer"] is own and LoraLinear is own.Linear
+        assert own.__spec__.name == "peft_fast.tuners.lora.layer" and not hasattr(own, "__path__")
+        assert BaseTunerLayer is importlib.import_module("peft_fast.tuners.tuners_utils").BaseTunerLayer
+        assert importlib.util.find_spec("peft") is not None
+    assert not peft_fast.is_installed_as_peft()
+    import peft
+
+    assert peft is real and sys.modules.get("peft.tuners.lora") is real_lora
+    assert not any(type(m).__module__.startswith("peft_fast") for n, m in sys.modules.items()
+                   if n == "peft" or n.startswith("peft."))
+    # the alias left no module __getattr__ behind on peft_fast's modules
+    assert "__getattr__" not in vars(importlib.import_module("peft_fast.tuners.lora.layer"))
+
+
+def test_install_is_idempotent_and_as_peft_keeps_an_outer_install(alias):
+    import peft
+
+    peft_fast.install_as_peft()
+    with peft_fast.as_peft():
+        pass
+    assert peft_fast.is_installed_as_peft()
+    import peft as again
+
+    assert again is peft
+
+
+def test_a_model_built_through_the_alias_has_peft_fast_layers_and_peft_numbers(alias):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peft as alias_peft
+    from peft_fast.tuners.lora.layer import LoraLayer
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    cfg_kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    ours = alias_peft.get_peft_model(base, alias_peft.LoraConfig(**cfg_kwargs))
+    assert sum(isinstance(m, LoraLayer) for m in ours.modules()) == 6
+    peft_fast.uninstall_as_peft()
+    import peft as real
+
+    assert real.__file__ != peft_fast.__file__
+    ref_base = LlamaForCausalLM(cfg)
+    ref_base.load_state_dict(state)
+    torch.manual_seed(1)
+    ref = real.get_peft_model(ref_base, real.LoraConfig(**cfg_kwargs))
+    ids = torch.randint(0, 128, (2, 9))
+    torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_what_peft_has_and_peft_fast_lacks_is_a_placeholder_that_names_itself(alias):
+    from peft import PrefixTuningConfig, PromptLearningConfig, get_model_status  # noqa: F401
+    from peft.tuners.lokr.layer import LoKrLayer, factorization
+
+    assert not isinstance(object(), PrefixTuningConfig) and isinstance(PrefixTuningConfig, type)
+    with pytest.raises(NotImplementedError, match=r"peft_fast does not provide `peft\.PrefixTuningConfig`"):
+        PrefixTuningConfig(num_virtual_tokens=4)
+    with pytest.raises(NotImplementedError, match=r"`peft\.tuners\.lokr\.layer\.factorization`"):
+        factorization(16, 4)
+    assert not hasattr(LoKrLayer, "adapter_layer_names")
+    with pytest.raises(AttributeError, match=r"peft\.tuners\.lokr\.layer\.LoKrLayer"):
+        LoKrLayer.adapter_layer_names
+    # a name PEFT has in a module peft_fast also has
+    from peft.tuners.lora.layer import LoraEmbeddingATPHolder
+
+    with pytest.raises(NotImplementedError, match=r"`peft\.tuners\.lora\.layer\.LoraEmbeddingATPHolder`"):
+        LoraEmbeddingATPHolder()
+    # the same placeholder each time
+    from peft import PrefixTuningConfig as again
+
+    assert again is PrefixTuningConfig
+
+
+def test_what_neither_has_raises_the_usual_errors(alias):
+    import peft
+
+    with pytest.raises(ModuleNotFoundError, match=r"'peft\.no_such_module'.*neither peft_fast nor PEFT"):
+        importlib.import_module("peft.no_such_module")
+    with pytest.raises(ImportError, match="no_such_name"):
+        exec("from peft import no_such_name", {})
+    with pytest.raises(ImportError, match="no_such_name"):
+        exec("from peft.tuners.lora.layer import no_such_name", {})
+    assert not hasattr(peft, "NoSuchThing")
+
+
+def test_modules_imported_before_are_rebound_and_put_back():
+    import trl.trainer.sft_trainer as sft
+
+    import peft as real
+
+    assert sft.PeftModel is real.PeftModel
+    with peft_fast.as_peft():
+        assert sft.PeftModel is peft_fast.PeftModel and sft.get_peft_model is peft_fast.get_peft_model
+        assert sft.peft.__version__ == _peft_manifest.PEFT_VERSION and sft.peft is not real
+        with pytest.raises(NotImplementedError, match="PrefixTuningConfig"):
+            sft.PrefixTuningConfig()
+    assert sft.PeftModel is real.PeftModel and sft.peft is real
+
+
+def test_modules_imported_under_the_alias_get_real_peft_back_on_uninstall():
+    import types
+
+    from peft_fast import _alias_rebind
+
+    src = "if True:\n    import peft\n    from peft import PeftModel, PrefixTuningConfig as PTC\nLOCAL = 1\n"
+    mod = types.ModuleType("trl._peft_fast_test_module")
+    mod.__file__ = os.path.join(ROOT, "tests", "_tmp_alias_module.py")
+    with open(mod.__file__, "w") as f:
+        f.write(src)
+    try:
+        sys.modules[mod.__name__] = mod
+        with peft_fast.as_peft():
+            exec(compile(src, mod.__file__, "exec"), mod.__dict__)
+            assert mod.PeftModel is peft_fast.PeftModel
+        import peft as real
+
+        assert mod.PeftModel is real.PeftModel and mod.PTC is real.PrefixTuningConfig and mod.peft is real
+        assert mod.LOCAL == 1
+        # a name the module set to its own value is never touched
+        mod.PeftModel = "mine"
+        undo = _alias_rebind.rebind_imported_modules(stale=_alias_rebind.from_alias)
+        undo()
+        assert mod.PeftModel == "mine"
+    finally:
+        sys.modules.pop(mod.__name__, None)
+        os.remove(mod.__file__)
+
+
+def test_transformers_probes_follow_the_alias(alias):
+    from transformers.utils import import_utils as tiu
+
+    assert tiu.is_peft_available() and tiu.is_peft_greater_or_equal("0.18.0")
+
+
+def test_without_real_peft_the_alias_supplies_peft_and_its_metadata():
+    out = _run("""
+        import importlib.metadata as md, json
+        import transformers.utils.import_utils as tiu
+        import diffusers.utils.import_utils as diu
+        import accelerate.utils as au
+        before = [tiu.is_peft_available(), diu.is_peft_available(), bool(au.is_peft_available())]
+        try:
+            import peft
+            before.append(True)
+        except ImportError:
+            before.append(False)
+        import peft_fast
+        peft_fast.install_as_peft()
+        import peft
+        from peft import LoraConfig, PeftModel
+        during = [tiu.is_peft_available(), diu.is_peft_available(), bool(au.is_peft_available()), md.version("peft"),
+                  peft.__version__, PeftModel is peft_fast.PeftModel, diu.is_peft_version(">=", "0.14.0"),
+                  any(d.metadata["Name"] == "peft" for d in md.distributions())]
+        peft_fast.uninstall_as_peft()
+        after = [tiu.is_peft_available(), diu.is_peft_available(), bool(au.is_peft_available())]
+        try:
+            md.version("peft"); after.append("dist")
+        except md.PackageNotFoundError:
+            after.append(None)
+        try:
+            import peft; after.append("import")
+        except ImportError:
+            after.append(None)
+        print(json.dumps(dict(before=before, during=during, after=after)))
+    """, hide_peft=True)
+    v = _peft_manifest.PEFT_VERSION
+    assert out["before"] == [False, False, False, False]
+    assert out["during"] == [True, True, True, v, v, True, True, True]
+    assert out["after"] == [False, False, False, None, None]
+
+
+def test_trl_imported_without_peft_before_the_switch_gets_the_names_it_skipped():
+    out = _run("""
+        import json
+        import trl.trainer.sft_trainer as sft
+        had = hasattr(sft, "PeftModel")
+        import peft_fast
+        peft_fast.install_as_peft()
+        print(json.dumps(dict(had=had, now=sft.PeftModel is peft_fast.PeftModel,
+                              config=sft.PeftConfig is peft_fast.PeftConfig)))
+    """, hide_peft=True)
+    assert out == {"had": False, "now": True, "config": True}
+
+
+def test_environment_variable_installs_the_alias():
+    out = _run("""
+        import json, peft_fast, peft
+        print(json.dumps(dict(on=peft_fast.is_installed_as_peft(), same=peft.LoraConfig is peft_fast.LoraConfig)))
+    """, hide_peft=True, env={"PEFT_FAST_AS_PEFT": "1"})
+    assert out == {"on": True, "same": True}
+
+
+def test_peft_warning_is_a_user_warning_category(alias):
+    from peft import PeftWarning
+
+    assert PeftWarning is peft_fast.PeftWarning and issubclass(PeftWarning, UserWarning)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=PeftWarning)
+        with pytest.raises(PeftWarning):
+            warnings.warn("x", PeftWarning)
+
+
+def regenerate_manifest() -> dict:
+    """PEFT's names as the installed peft has them (what peft_fast/_peft_manifest.py must hold)."""
+    import pkgutil
+
+    import peft
+
+    modules = sorted(m.name for m in pkgutil.walk_packages(peft.__path__, "peft."))
+    names = {}
+    for m in modules:
+        try:
+            mod = importlib.import_module(m)
+        except Exception:  # noqa: BLE001 - optional dependencies of peft's own modules
+            continue
+        pub = set(getattr(mod, "__all__", [])) | {
+            k for k, v in vars(mod).items() if not k.startswith("_") and getattr(v, "__module__", None) == m}
+        pub = sorted(k for k in pub if not k.isupper() and not k.startswith("_"))
+        if pub:
+            names[m] = tuple(pub)
+    return dict(version=peft.__version__, all=tuple(sorted(peft.__all__)), modules=tuple(modules), names=names)
+
+
+def test_manifest_matches_the_pinned_peft():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = regenerate_manifest()
+    assert real["version"] == _peft_manifest.PEFT_VERSION
+    assert real["all"] == _peft_manifest.PEFT_ALL
+    assert real["modules"] == _peft_manifest.PEFT_MODULES
+    assert real["names"] == _peft_manifest.PEFT_MODULE_NAMES
+
+
+def _manifest_source(m: dict) -> str:
+    def fmt(xs, ind="    "):
+        return textwrap.fill(", ".join(repr(x) for x in xs), 110, initial_indent=ind, subsequent_indent=ind,
+                             break_on_hyphens=False)
+
+    body = "\n".join(f"    {k!r}: (\n{fmt(v, '        ')},\n    )," for k, v in m["names"].items())
+    doc = _peft_manifest.__doc__.replace("PEFT " + _peft_manifest.PEFT_VERSION, "PEFT " + m["version"])
+    return (f'"""{doc}"""\nPEFT_VERSION = {m["version"]!r}\n\nPEFT_ALL = (\n{fmt(m["all"])},\n)\n\n'
+            f'PEFT_MODULES = (\n{fmt(m["modules"])},\n)\n\nPEFT_MODULE_NAMES = {{\n{body}\n}}\n')
+
+
+if __name__ == "__main__":  # python tests/test_peft_alias.py > peft_fast/_peft_manifest.py
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sys.stdout.write(_manifest_source(regenerate_manifest()))
