@@ -1,4 +1,4 @@
-"""`AutoPeftModel*`: load base model (transformers) + adapter from a local adapter directory (L4)."""
+"""`AutoPeftModel*`: load base model (transformers) + adapter from an adapter directory or Hub id (L4)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +15,8 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+
 
 class _BaseAutoPeftModel:
     _target_class_name: Optional[str] = None
@@ -29,32 +31,60 @@ class _BaseAutoPeftModel:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, adapter_name: str = "default", is_trainable: bool = False,
                         config: Optional[PeftConfig] = None, revision: Optional[str] = None, **kwargs):
-        """Load the base model named in adapter_config.json with transformers, then the adapter."""
+        """Load the base model named in adapter_config.json with transformers, then the adapter.
+
+        `pretrained_model_name_or_path` is a local directory or a Hub repo id; `revision` and the
+        ``hf_hub_download`` options in `kwargs` (``subfolder``, ``cache_dir``, ``token``,
+        ``local_files_only``, ...) are the adapter's, as in PEFT. The base model is loaded at the
+        revision recorded in adapter_config.json, with `kwargs` (its loading options, and the Hub
+        options but ``subfolder``, which locates the adapter only: PEFT passes it on too and then looks for
+        the base model in that subfolder of the base model's repo)."""
         import transformers
 
-        peft_config = PeftConfig.from_pretrained(str(pretrained_model_name_or_path))
+        name = str(pretrained_model_name_or_path)
+        peft_config = PeftConfig.from_pretrained(name, revision=revision, **kwargs)
         base_path = peft_config.base_model_name_or_path
         if not base_path:
-            raise ValueError(f"adapter_config.json in {pretrained_model_name_or_path!r} names no base_model_name_or_path")
+            raise ValueError(f"adapter_config.json in {name!r} names no base_model_name_or_path")
         if cls._target_class_name is None:
             task = peft_config.task_type
-            name = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-                    "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
-                    "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}.get(
-                        getattr(task, "value", task), "AutoModel")
+            auto_name = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                         "SEQ_CLS": "AutoModelForSequenceClassification",
+                         "TOKEN_CLS": "AutoModelForTokenClassification",
+                         "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}.get(
+                             getattr(task, "value", task), "AutoModel")
         else:
-            name = cls._target_class_name
-        auto_cls = getattr(transformers, name)
-        base_model = auto_cls.from_pretrained(base_path, revision=revision or peft_config.revision, **kwargs)
-        tokenizer_file = os.path.join(str(pretrained_model_name_or_path), "tokenizer_config.json")
-        if os.path.exists(tokenizer_file):
-            tok = transformers.AutoTokenizer.from_pretrained(str(pretrained_model_name_or_path))
-            emb = base_model.get_input_embeddings()
+            auto_name = cls._target_class_name
+        auto_cls = getattr(transformers, auto_name)
+        base_kwargs = {k: v for k, v in kwargs.items() if k != "subfolder"}
+        base_model = auto_cls.from_pretrained(base_path, revision=peft_config.revision, **base_kwargs)
+        if _has_tokenizer(name, revision, kwargs):
+            tok = transformers.AutoTokenizer.from_pretrained(
+                name, revision=revision, trust_remote_code=kwargs.get("trust_remote_code", False),
+                **{k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if kwargs.get(k) is not None})
+            emb = base_model.get_input_embeddings() if hasattr(base_model, "get_input_embeddings") else None
             if emb is not None and len(tok) > emb.weight.shape[0]:
                 base_model.resize_token_embeddings(len(tok))
-        return cls._target_peft_class.from_pretrained(base_model, str(pretrained_model_name_or_path),
-                                                      adapter_name=adapter_name, is_trainable=is_trainable,
-                                                      config=config)
+        return cls._target_peft_class.from_pretrained(base_model, name, adapter_name=adapter_name,
+                                                      is_trainable=is_trainable, config=config, revision=revision,
+                                                      **kwargs)
+
+
+def _has_tokenizer(name: str, revision: Optional[str], kwargs: dict) -> bool:
+    """Whether the adapter directory or repo (its root, as in PEFT) holds a tokenizer_config.json.
+    Offline, PEFT does not look (so never resizes the embeddings); here the cache is looked in."""
+    if os.path.exists(os.path.join(name, TOKENIZER_CONFIG_NAME)):
+        return True
+    if os.path.isdir(name):
+        return False
+    from .utils.hub import download_adapter_file
+
+    hub_kwargs = {k: v for k, v in kwargs.items() if k != "subfolder"}
+    try:
+        download_adapter_file(name, TOKENIZER_CONFIG_NAME, revision=revision, **hub_kwargs)
+    except Exception:  # noqa: BLE001 - no tokenizer there, or the Hub cannot say: PEFT's check warns and goes on
+        return False
+    return True
 
 
 class AutoPeftModel(_BaseAutoPeftModel):

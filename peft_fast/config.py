@@ -147,22 +147,22 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> "PeftConfig":
         """Load ``adapter_config.json`` from a local directory or, when there is none, from the Hugging
-        Face Hub repo of that name (``revision``, ``cache_dir``, ``token`` in `kwargs`, as in PEFT)."""
+        Face Hub repo of that name (``hf_hub_download`` options such as ``revision``, ``cache_dir``,
+        ``token``, ``local_files_only`` in `kwargs`, as in PEFT; ``HF_HUB_OFFLINE=1`` reads the cache)."""
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         config_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config_file):
-            config_file = None
-            if not os.path.isdir(path):
-                from .utils.hub import download_adapter_file
+            from .utils.hub import download_adapter_file, hub_error_detail
 
-                try:
-                    config_file = download_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - PEFT's text, the Hub's error chained
-                    raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}'") from exc
-            if config_file is None:
-                raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}'")
+            try:
+                config_file = download_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - PEFT's text and type, what is missing named, the Hub's error chained
+                detail = hub_error_detail(str(pretrained_model_name_or_path), [CONFIG_NAME], subfolder, exc, kwargs)
+                raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}': {detail}") from exc
         loaded = cls.from_json_file(config_file)
-        class_kwargs = {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        # as in PEFT, `revision` is a download option (the adapter's), not the config's base-model revision
+        fields = {f.name for f in dataclasses.fields(cls)} - {"revision"}
+        class_kwargs = {k: v for k, v in kwargs.items() if k in fields}
         return cls.from_peft_type(**{**class_kwargs, **loaded})
 
     @property

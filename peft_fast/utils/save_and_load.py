@@ -173,24 +173,36 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: 
 def load_peft_weights(model_id: str, device: Optional[str] = None, **kwargs) -> dict:
     """Read ``adapter_model.safetensors`` (or, failing that, ``adapter_model.bin`` with
     weights_only=True) from a local directory or, when `model_id` is not one, from the Hugging Face
-    Hub repo of that name (``subfolder``, ``revision``, ``cache_dir``, ``token`` as in PEFT)."""
+    Hub repo of that name (``subfolder`` and the ``hf_hub_download`` options ``revision``,
+    ``cache_dir``, ``token``, ``local_files_only``, ... as in PEFT; ``HF_HUB_OFFLINE=1`` reads the cache).
+
+    No weights file: ValueError with PEFT's text (``LocalEntryNotFoundError``, as PEFT raises, when
+    the cache could not answer), naming the repo, revision and files and what the cache holds."""
     subfolder = kwargs.get("subfolder")
     path = os.path.join(model_id, subfolder) if subfolder else model_id
+    names = [SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME]
     if os.path.isdir(path):
-        files = [os.path.join(path, SAFETENSORS_WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME)]
-        filename = next((f for f in files if os.path.isfile(f)), None)
-    else:
-        from .hub import download_adapter_file
-
-        filename = download_adapter_file(model_id, SAFETENSORS_WEIGHTS_NAME, **kwargs)
+        filename = next((f for f in (os.path.join(path, n) for n in names) if os.path.isfile(f)), None)
         if filename is None:
-            filename = download_adapter_file(model_id, WEIGHTS_NAME, **kwargs)
-    if filename is None:
-        raise ValueError(
-            f"Can't find weights for {model_id} in {model_id} or in the Hugging Face Hub. Please check that the file "
-            f"{WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}."
-        )
-    return load_weights_file(filename, device or "cpu")
+            raise ValueError(
+                f"Can't find weights for {model_id} in {model_id} or in the Hugging Face Hub. Please check that the "
+                f"file {WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}."
+            )
+        return load_weights_file(filename, device or "cpu")
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from .hub import download_adapter_file, hub_error_detail
+
+    missing = None
+    for name in names:  # safetensors first, as in PEFT
+        try:
+            return load_weights_file(download_adapter_file(model_id, name, **kwargs), device or "cpu")
+        except EntryNotFoundError as exc:  # no such file in the repo (or in the cache): try the next
+            missing = exc
+    detail = hub_error_detail(model_id, names, subfolder, missing, kwargs)
+    message = (f"Can't find weights for {model_id} in {model_id} or in the Hugging Face Hub. Please check that the file "
+               f"{WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}: {detail}")
+    raise (LocalEntryNotFoundError if isinstance(missing, LocalEntryNotFoundError) else ValueError)(message) from missing
 
 
 # ---- the base model's own weights, under its original keys ----------------------------------------
