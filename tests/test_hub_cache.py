@@ -40,6 +40,8 @@ BASE = "org/tiny-llama"
 FAST = "org/adapter-fast"  # adapters saved by peft_fast
 REF = "org/adapter-peft"  # adapters saved by real peft
 CONFIG_ONLY = "org/config-only"  # adapter_config.json but no weights
+ON_V_BASE = {"peft_fast": "org/fast-on-v-base", "peft": "org/peft-on-v-base"}  # base model at its branch v-base
+WITH_TOKENIZER = "org/adapter-with-tokenizer"  # FAST's main adapter + a 130-token tokenizer (base: 128)
 LIBS = {"peft": peft, "peft_fast": peft_fast}
 
 
@@ -110,6 +112,11 @@ def _load_base(**kwargs):
     return transformers.AutoModelForCausalLM.from_pretrained(BASE, **kwargs).eval()
 
 
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
 def _offline(monkeypatch, cache: str) -> None:
     """HF_HUB_OFFLINE=1 and HF_HUB_CACHE=cache, in the environment and in huggingface_hub.constants
     (both are read once, when huggingface_hub is imported)."""
@@ -129,15 +136,14 @@ def cache(tmp_path_factory):
         _tiny_llama().save_pretrained(base_dir)
         _add_snapshot(cache_dir, BASE, _dir_files(base_dir), _commit("base"), refs=["main"])
         x = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-        expected, configs = {}, {}
+        expected = {}
         for repo, lib in ((FAST, peft_fast), (REF, peft)):
             snapshots = {}  # commit -> files
             for i, where in enumerate(WHERE):
                 base = _load_base()  # name_or_path is the Hub id, as for a user's model
                 torch.manual_seed(10 + i)
                 model = lib.get_peft_model(base, _lora(lib, where)).eval()
-                with torch.no_grad():
-                    expected[repo, where] = model(x).logits
+                expected[repo, where] = _logits(model, x)
                 out = str(root / repo.replace("/", "_") / where)
                 model.save_pretrained(out, safe_serialization=(where != "bare-commit"))
                 revision, subfolder = WHERE[where]
@@ -148,7 +154,35 @@ def cache(tmp_path_factory):
                 _add_snapshot(cache_dir, repo, files, commit, refs=refs)
         config_file = _dir_files(str(root / FAST.replace("/", "_") / "main"))["adapter_config.json"]
         _add_snapshot(cache_dir, CONFIG_ONLY, {"adapter_config.json": config_file}, _commit("cfg"), refs=["main"])
-    return SimpleNamespace(dir=cache_dir, x=x, expected=expected, configs=configs)
+        # a second base-model revision, and adapters trained on it (their config records revision="v-base")
+        torch.manual_seed(5)
+        base_v = transformers.LlamaForCausalLM(_tiny_llama().config)
+        base_v.save_pretrained(str(root / "base-v"))
+        _add_snapshot(cache_dir, BASE, _dir_files(str(root / "base-v")), _commit("base-v"), refs=["v-base"])
+        for name, repo in ON_V_BASE.items():
+            lib = LIBS[name]
+            torch.manual_seed(20)
+            model = lib.get_peft_model(_load_base(revision="v-base"), _lora(lib, "main"), revision="v-base").eval()
+            expected[repo, "main"] = _logits(model, x)
+            model.save_pretrained(str(root / repo.replace("/", "_")))
+            _add_snapshot(cache_dir, repo, _dir_files(str(root / repo.replace("/", "_"))), _commit(repo), refs=["main"])
+        # an adapter repo with a tokenizer larger than the base model's vocabulary
+        files = _dir_files(str(root / FAST.replace("/", "_") / "main"))
+        files.update(_dir_files(_tokenizer_dir(str(root / "tok"), 130)))
+        files["config.json"] = _dir_files(base_dir)["config.json"]  # transformers 5's AutoTokenizer wants one
+        _add_snapshot(cache_dir, WITH_TOKENIZER, files, _commit(WITH_TOKENIZER), refs=["main"])
+    return SimpleNamespace(dir=cache_dir, x=x, expected=expected)
+
+
+def _tokenizer_dir(out: str, vocab_size: int) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+    assert len(fast) == vocab_size
+    fast.save_pretrained(out)
+    return out
 
 
 @pytest.fixture
@@ -175,11 +209,6 @@ def _assert_same_config(ours, ref) -> None:
             "inference_mode"} <= shared
     assert {k: a[k] for k in shared} == {k: b[k] for k in shared}
     assert type(ours).__name__ == type(ref).__name__
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -255,6 +284,39 @@ def test_auto_peft_model_hub_id(offline, where):
     else:  # peft looks for the base model in "org/tiny-llama/sub" too, and fails (transformers' OSError)
         with pytest.raises(OSError, match="couldn't find them in the cached files"):
             peft.AutoPeftModelForCausalLM.from_pretrained(FAST, **_hub_kwargs(where))
+
+
+@pytest.mark.parametrize("saved_by", list(ON_V_BASE))
+def test_auto_peft_model_loads_the_base_at_the_configs_revision(offline, saved_by):
+    """adapter_config.json's `revision` is the base model's: AutoPeftModel loads "org/tiny-llama" at
+    branch v-base (loading it at main gives other logits, checked), with peft_fast and with peft."""
+    repo = ON_V_BASE[saved_by]
+    expected = offline.expected[repo, "main"]
+    wrong = peft_fast.PeftModel.from_pretrained(_load_base(), repo)
+    assert not torch.allclose(_logits(wrong, offline.x), expected, atol=1e-3)
+    for lib in LIBS.values():
+        model = lib.AutoPeftModelForCausalLM.from_pretrained(repo)
+        assert model.peft_config["default"].revision == "v-base"
+        torch.testing.assert_close(_logits(model, offline.x), expected)
+
+
+def test_auto_peft_model_resizes_to_a_cached_tokenizer(offline):
+    """A tokenizer in the adapter repo larger than the base vocabulary: the embeddings are resized, as
+    PEFT does for a local directory or online. (Offline, peft does not look for the tokenizer at all
+    and keeps 128 rows; peft_fast reads it from the cache.)"""
+    snapshot = os.path.join(offline.dir, "models--" + WITH_TOKENIZER.replace("/", "--"), "snapshots",
+                            _commit(WITH_TOKENIZER))
+    torch.manual_seed(0)
+    ours = peft_fast.AutoPeftModelForCausalLM.from_pretrained(WITH_TOKENIZER)
+    torch.manual_seed(0)
+    ref = peft.AutoPeftModelForCausalLM.from_pretrained(snapshot)  # a local directory: peft resizes
+    ref_offline = peft.AutoPeftModelForCausalLM.from_pretrained(WITH_TOKENIZER)
+    assert ours.get_input_embeddings().weight.shape[0] == ref.get_input_embeddings().weight.shape[0] == 130
+    assert ref_offline.get_input_embeddings().weight.shape[0] == 128
+    logits = _logits(ours, offline.x)
+    assert logits.shape[-1] == 130
+    torch.testing.assert_close(logits[..., :128], offline.expected[FAST, "main"])
+    torch.testing.assert_close(logits, _logits(ref, offline.x))
 
 
 def test_auto_peft_model_cache_dir_argument(offline, monkeypatch, tmp_path):
