@@ -1,0 +1,454 @@
+"""transformers' adapter integration (PreTrainedModel.add_adapter/load_adapter/set_adapter/..., from_pretrained
+of an adapter dir, save_pretrained) running on peft_fast through `peft_fast.install_as_peft()`.
+
+Each scenario runs twice: with real peft (alias not installed) and with the alias; the second run must build
+peft_fast's layers and give the same numbers. Adapter weights are set from the parameter names (the same
+names in both libraries), so both runs hold identical weights. One subprocess test hides real peft.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import peft_fast
+
+transformers = pytest.importorskip("transformers")
+real_peft = pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 128
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def alias(on: bool):
+    """`import peft` gives peft_fast inside the block when `on`, real peft otherwise; uninstalled after."""
+    assert not peft_fast.is_installed_as_peft()
+    if on:
+        peft_fast.install_as_peft()
+    try:
+        import peft
+
+        assert (peft.LoraConfig is peft_fast.LoraConfig) == on
+        yield peft
+    finally:
+        peft_fast.uninstall_as_peft()
+    import peft
+
+    assert peft.LoraConfig is not peft_fast.LoraConfig
+
+
+def llama(dtype=torch.float32):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def gpt2(dtype=torch.float32):
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1,
+                                  eos_token_id=2)
+    torch.manual_seed(1)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+ARCHS = {"llama": (llama, ["q_proj", "v_proj"], ["k_proj", "down_proj"], ["k_proj", "v_proj", "down_proj"],
+                   ["down_proj"]),
+         "gpt2": (gpt2, ["c_attn"], ["c_proj"], ["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}
+
+
+def fill_adapters(model, markers=("lora_", "ia3_")):
+    """Every adapter parameter gets values drawn from its own name: equal names -> equal weights in both libs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(m in name for m in markers):
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                v = torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.3
+                if "ia3_" in name:
+                    v = 1.0 + v
+                p.copy_(v.to(p.dtype))
+
+
+def batch(seed=0, n=2, t=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n, t), generator=g)
+
+
+def logits(model, x=None):
+    with torch.no_grad():
+        return model(batch() if x is None else x).logits.float().clone()
+
+
+def adapter_layer_types(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def assert_peft_fast_layers(model, base_cls, expect_fast: bool):
+    """The adapted modules are peft_fast's classes (alias) or real peft's (no alias); at least one exists."""
+    types = adapter_layer_types(model)
+    assert types, "no adapter layer was built"
+    for name, cls in types.items():
+        assert cls.__module__.startswith("peft_fast." if expect_fast else "peft."), (name, cls)
+    if expect_fast:
+        assert all(issubclass(cls, base_cls) for cls in types.values())
+
+
+def compare(fast: dict, real: dict, low_precision: bool = False):
+    """Equal values; tensors within fp32 tolerance, or bf16's (relative to the largest value) for 16-bit
+    tensors and everything computed under autocast (`low_precision`)."""
+    assert fast.keys() == real.keys()
+    for k in real:
+        a, b = fast[k], real[k]
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype, k
+            if low_precision:
+                err = float((a.float() - b.float()).abs().max())
+                assert err <= 4e-2 * max(1e-6, float(b.float().abs().max())), (k, err)
+            elif b.dtype in (torch.bfloat16, torch.float16):
+                torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=k)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=k)
+        else:
+            assert a == b, (k, a, b)
+
+
+def save_peft_adapter(lib, base, targets, path, **extra):
+    """An adapter saved by `lib` (real peft or peft_fast) with name-seeded weights."""
+    model = lib.get_peft_model(base, lib.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra))
+    fill_adapters(model)
+    model.save_pretrained(path)
+    return logits(model)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scenarios: the same calls with either library
+# --------------------------------------------------------------------------------------------------------------
+def scenario_add_set_enable_delete(arch, on):
+    make, t1, t2, ia3_t, ia3_ff = ARCHS[arch]
+    out = {}
+    with alias(on) as peft:
+        model = make()
+        out["base"] = logits(model)
+        model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=t1))
+        assert_peft_fast_layers(model, peft_fast.tuners.lora.layer.LoraLayer, on)
+        fill_adapters(model)
+        out["default"] = logits(model)
+        out["active0"] = model.active_adapters()
+        model.add_adapter(peft.LoraConfig(r=2, lora_alpha=4, target_modules=t2), adapter_name="second")
+        fill_adapters(model)
+        out["active1"] = model.active_adapters()  # add_adapter activates the new one
+        out["second"] = logits(model)
+        model.set_adapter("default")
+        out["active2"] = model.active_adapters()
+        out["set_default"] = logits(model)
+        model.set_adapter(["default", "second"])
+        out["active3"] = model.active_adapters()
+        out["both"] = logits(model)
+        model.disable_adapters()
+        out["disabled"] = logits(model)
+        model.enable_adapters()
+        out["enabled"] = logits(model)
+        sd = model.get_adapter_state_dict("second")
+        out["sd_keys"] = sorted(sd)
+        for k, v in sd.items():
+            out[f"sd:{k}"] = v.clone()
+        out["sd_default_keys"] = sorted(model.get_adapter_state_dict("default"))
+        model.delete_adapter("second")
+        out["after_delete_cfg"] = sorted(model.peft_config)
+        out["after_delete_active"] = model.active_adapters()
+        out["after_delete"] = logits(model)
+        out["after_delete_names"] = sorted(n for n, _ in model.named_parameters() if "lora_" in n)
+        model.delete_adapter("default")
+        out["hf_loaded"] = model._hf_peft_config_loaded
+        # IA3 on a fresh model
+        model = make()
+        model.add_adapter(peft.IA3Config(target_modules=ia3_t, feedforward_modules=ia3_ff), adapter_name="ia")
+        assert_peft_fast_layers(model, peft_fast.tuners.ia3.layer.IA3Layer, on)
+        fill_adapters(model)
+        out["ia3"] = logits(model)
+        out["ia3_active"] = model.active_adapters()
+        out["ia3_sd_keys"] = sorted(model.get_adapter_state_dict())
+        model.disable_adapters()
+        out["ia3_disabled"] = logits(model)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_add_set_enable_delete_matches_peft(arch):
+    real = scenario_add_set_enable_delete(arch, on=False)
+    fast = scenario_add_set_enable_delete(arch, on=True)
+    compare(fast, real)
+    # the scenario is not vacuous: adapters change the logits, disabling restores the base, deletion removes
+    assert not torch.allclose(real["default"], real["base"], atol=1e-3)
+    assert not torch.allclose(real["both"], real["set_default"], atol=1e-3)
+    torch.testing.assert_close(fast["disabled"], fast["base"])
+    torch.testing.assert_close(fast["after_delete"], fast["set_default"])
+    assert fast["active1"] == ["second"] and fast["active3"] == ["default", "second"]
+    assert fast["after_delete_cfg"] == ["default"] and fast["hf_loaded"] is False
+    assert not torch.allclose(real["ia3"], real["base"], atol=1e-3)
+    torch.testing.assert_close(fast["ia3_disabled"], fast["base"])
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory):
+    """Adapters saved by real peft and by peft_fast (LoRA on llama), their logits, and a base model dir."""
+    root = tmp_path_factory.mktemp("adapters")
+    real_logits = save_peft_adapter(real_peft, llama(), ["q_proj", "v_proj"], root / "real")
+    fast_logits = save_peft_adapter(peft_fast, llama(), ["k_proj", "o_proj", "up_proj"], root / "fast")
+    base_dir = root / "base"
+    llama().save_pretrained(base_dir)
+    adapter_dir = root / "with_base"
+    save_peft_adapter(real_peft, llama(), ["q_proj", "down_proj"], adapter_dir)
+    with open(adapter_dir / "adapter_config.json") as f:
+        cfg = json.load(f)
+    cfg["base_model_name_or_path"] = str(base_dir)
+    with open(adapter_dir / "adapter_config.json", "w") as f:
+        json.dump(cfg, f)
+    return {"root": root, "real": root / "real", "fast": root / "fast", "real_logits": real_logits,
+            "fast_logits": fast_logits, "with_base": adapter_dir}
+
+
+def scenario_load(paths, on):
+    out = {}
+    with alias(on):
+        model = llama()
+        model.load_adapter(str(paths["real"]))
+        assert_peft_fast_layers(model, peft_fast.tuners.lora.layer.LoraLayer, on)
+        out["real"] = logits(model)
+        out["real_grad"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        model.load_adapter(str(paths["fast"]), adapter_name="fast", is_trainable=True)
+        out["names"] = sorted(model.peft_config)
+        out["active_after_load"] = model.active_adapters()
+        model.set_adapter("fast")
+        out["fast"] = logits(model)
+        out["fast_grad"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        # from_pretrained of an adapter dir whose config names a local base model dir
+        m2 = transformers.AutoModelForCausalLM.from_pretrained(str(paths["with_base"]))
+        assert_peft_fast_layers(m2, peft_fast.tuners.lora.layer.LoraLayer, on)
+        out["from_pretrained"] = logits(m2.eval())
+        out["from_pretrained_cfg"] = sorted(m2.peft_config)
+        # save_pretrained of a model with adapters: PEFT's format
+        save_dir = paths["root"] / f"saved_{int(on)}"
+        model.set_adapter("default")
+        model.save_pretrained(save_dir)
+        out["saved_files"] = sorted(f for f in os.listdir(save_dir) if f.startswith("adapter_"))
+    return out, save_dir
+
+
+def test_load_adapter_from_pretrained_save_match_peft(saved_adapters):
+    real, real_dir = scenario_load(saved_adapters, on=False)
+    fast, fast_dir = scenario_load(saved_adapters, on=True)
+    compare(fast, real)
+    # what the adapters were saved with: real peft's and peft_fast's own PeftModel logits
+    torch.testing.assert_close(fast["real"], saved_adapters["real_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast["fast"], saved_adapters["fast_logits"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast["real"], fast["fast"], atol=1e-3)
+    assert fast["real_grad"] == []  # is_trainable=False: frozen
+    assert fast["fast_grad"] and all(".fast." in n for n in fast["fast_grad"])
+    assert fast["saved_files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    # the adapter transformers saved from peft_fast's layers loads in real peft with equal logits
+    loaded = real_peft.PeftModel.from_pretrained(llama(), str(fast_dir))
+    assert type(loaded.base_model.model.model.layers[0].self_attn.q_proj).__module__.startswith("peft.")
+    torch.testing.assert_close(logits(loaded), fast["real"], atol=1e-5, rtol=1e-5)
+
+
+def scenario_bf16(on, mode):
+    out = {}
+    with alias(on) as peft:
+        model = llama(torch.bfloat16 if mode == "bf16_model" else torch.float32).train()
+        model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]))
+        assert_peft_fast_layers(model, peft_fast.tuners.lora.layer.LoraLayer, on)
+        fill_adapters(model)
+        out["adapter_dtypes"] = sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n})
+        x = batch(3)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+        with ctx:
+            res = model(x, labels=x)
+        out["logits"] = res.logits.detach().clone()
+        res.loss.backward()
+        out["loss"] = res.loss.detach().float()
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                assert p.grad is not None and torch.isfinite(p.grad).all(), n
+                out[f"grad:{n}"] = p.grad.detach().clone()
+            else:
+                assert p.grad is None, n
+    return out
+
+
+@pytest.mark.parametrize("mode", ["bf16_model", "autocast"])
+def test_bf16_add_adapter_forward_backward_matches_peft(mode):
+    real = scenario_bf16(False, mode)
+    fast = scenario_bf16(True, mode)
+    assert real["logits"].dtype == torch.bfloat16
+    compare(fast, real, low_precision=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PEFT's names at PEFT's module paths (what transformers imports)
+# --------------------------------------------------------------------------------------------------------------
+def test_peft_module_paths_used_by_transformers_exist():
+    with alias(True):
+        from peft import PeftConfig, PeftType, get_peft_model_state_dict, inject_adapter_in_model  # noqa: F401
+        from peft.functional import (cast_adapter_dtype, delete_adapter, get_peft_model_state_dict as g2,
+                                     inject_adapter_in_model as i2, set_adapter, set_peft_model_state_dict,
+                                     set_requires_grad)
+        from peft.tuners.ia3 import IA3Config, IA3Layer, IA3Model  # noqa: F401
+        from peft.tuners.lora import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraConfig, LoraLayer,  # noqa: F401
+                                      LoraModel, LoraRuntimeConfig, ParamWrapper)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+        from peft.utils.other import AuxiliaryTrainingWrapper, fsdp_auto_wrap_policy
+        from peft.utils.transformers_weight_conversion import build_peft_weight_mapping
+
+        assert LoraLayer is peft_fast.tuners.lora.layer.LoraLayer and i2 is peft_fast.inject_adapter_in_model
+        assert BaseTunerLayer is peft_fast.tuners.tuners_utils.BaseTunerLayer
+        for fn in (cast_adapter_dtype, delete_adapter, set_adapter, set_peft_model_state_dict, set_requires_grad,
+                   build_peft_weight_mapping, fsdp_auto_wrap_policy):
+            assert fn.__module__.startswith("peft_fast."), fn
+        assert issubclass(ModulesToSaveWrapper, AuxiliaryTrainingWrapper)
+
+
+def test_functional_on_plain_module_peft_semantics():
+    """peft.functional on a plain nn.Module with two LoRA adapters + modules_to_save, vs real peft."""
+    def run(lib_functional, lib):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        lib_functional.inject_adapter_in_model(lib.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]),
+                                               model, "a")
+        # (a second adapter with modules_to_save on the same module: PEFT leaves its wrapper with no active
+        # adapter after the inject, peft_fast activates it; not compared here)
+        lib_functional.inject_adapter_in_model(lib.LoraConfig(r=3, target_modules=["0"]), model, "b")
+        fill_adapters(model, markers=("lora_", "modules_to_save"))
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+        res = {}
+        lib_functional.set_adapter(model, "b")
+        res["b"] = model(x).detach()
+        res["b_active"] = model[0].active_adapters
+        res["grad_b"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        lib_functional.set_requires_grad(model, "a", requires_grad=True)
+        res["grad_ab"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        lib_functional.set_adapter(model, "a", inference_mode=True)
+        res["a"] = model(x).detach()
+        res["grad_a_inf"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        res["new_active"] = lib_functional.delete_adapter(model, "a", prefix="lora_")
+        res["after_delete"] = model(x).detach()
+        res["names"] = sorted(n for n, _ in model.named_parameters())
+        sd = lib_functional.get_peft_model_state_dict(model, adapter_name="b")
+        res["sd"] = sorted(sd)
+        m16 = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
+        lib_functional.inject_adapter_in_model(lib.LoraConfig(r=2, target_modules=["0"]), m16, "c")
+        lib_functional.cast_adapter_dtype(m16, "c", autocast_adapter_dtype=False)
+        res["dtype_kept"] = str(m16[0].lora_A["c"].weight.dtype)
+        lib_functional.cast_adapter_dtype(m16, "c")
+        res["dtype_cast"] = str(m16[0].lora_A["c"].weight.dtype)
+        return res
+
+    import peft.functional as real_functional
+
+    real = run(real_functional, real_peft)
+    with alias(True) as peft:
+        import peft.functional as pf
+
+        assert pf is peft_fast.functional
+        fast = run(pf, peft)
+    compare(fast, real)
+    assert not torch.allclose(real["a"], real["b"], atol=1e-3)
+    assert real["dtype_cast"] == "torch.float32" and real["dtype_kept"] == "torch.bfloat16"
+
+
+def test_build_peft_weight_mapping_renames_and_moe_refusal():
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    from peft_fast.utils.transformers_weight_conversion import build_peft_weight_mapping
+    from peft.utils.transformers_weight_conversion import build_peft_weight_mapping as real_build
+
+    model = llama()
+    convs = get_model_conversion_mapping(model)
+    keys = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.lm_head.lora_B.weight", "base_model.model.model.layers.1.mlp.down_proj.ia3_l",
+            "base_model.model.model.embed_tokens.lora_embedding_A"]
+
+    def rename(mapping, key):
+        for r in mapping:
+            if isinstance(r, WeightRenaming):
+                key, _ = r.rename_source_key(key)
+        return key
+
+    for cfg in (peft_fast.LoraConfig(target_modules=["q_proj"]), peft_fast.IA3Config(target_modules=["down_proj"]),
+                None):
+        real_cfg = None if cfg is None else getattr(real_peft, type(cfg).__name__)(target_modules=cfg.target_modules)
+        mine = build_peft_weight_mapping(convs, "ad", peft_config=cfg)
+        ref = real_build(convs, "ad", peft_config=real_cfg)
+        assert [rename(mine, k) for k in keys] == [rename(ref, k) for k in keys]
+    assert rename(build_peft_weight_mapping(convs, "ad", peft_fast.LoraConfig(target_modules=["q_proj"])), keys[0]) \
+        == "model.layers.0.self_attn.q_proj.lora_A.ad.weight"
+    assert build_peft_weight_mapping([], "x") == [] and build_peft_weight_mapping(None, "x") == []
+
+    moe = get_checkpoint_conversion_mapping("mixtral")
+    ok = build_peft_weight_mapping(moe, "default", peft_fast.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert any(isinstance(r, WeightRenaming) and r.source_patterns == [".block_sparse_moe."] for r in ok)
+    for targets in (["w1", "w3"], "all-linear", ["model.layers.0.block_sparse_moe.experts.0.w2"]):
+        with pytest.raises(NotImplementedError, match="peft_fast does not convert LoRA weights of MoE experts"):
+            build_peft_weight_mapping(moe, "default", peft_fast.LoraConfig(target_modules=targets))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# without real peft
+# --------------------------------------------------------------------------------------------------------------
+_NO_PEFT_SCRIPT = r"""
+import sys, json, os
+sys.path.insert(0, {root!r})
+import tests.no_peft
+tests.no_peft.hide_real_peft()
+import torch, transformers
+import peft_fast
+peft_fast.install_as_peft()
+import peft
+assert peft.LoraConfig is peft_fast.LoraConfig
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+from test_transformers_integration import llama, fill_adapters, logits, adapter_layer_types
+model = llama()
+model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="new")
+fill_adapters(model)
+model.load_adapter({adapter!r}, adapter_name="loaded")
+types = sorted({{c.__module__ + "." + c.__name__ for c in adapter_layer_types(model).values()}})
+assert types and all(t.startswith("peft_fast.") for t in types), types
+model.set_adapter("loaded")
+out = {{"loaded": logits(model)}}
+model.set_adapter("new")
+out["new"] = logits(model)
+model.save_pretrained({save!r})
+torch.save(out, os.path.join({save!r}, "logits.pt"))
+print(json.dumps({{"types": types, "peft_in_modules": sorted(m for m in sys.modules if m == "peft" or m.startswith("peft."))[:3]}}))
+"""
+
+
+def test_without_real_peft_subprocess(saved_adapters, tmp_path):
+    save = tmp_path / "saved"
+    code = _NO_PEFT_SCRIPT.format(root=ROOT, adapter=str(saved_adapters["real"]), save=str(save))
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PEFT_FAST_TEST_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "peft_fast.tuners.lora.layer.Linear" in info["types"]
+    out = torch.load(save / "logits.pt")
+    # the adapter saved by real peft gives real peft's logits on peft_fast's layers
+    torch.testing.assert_close(out["loaded"], saved_adapters["real_logits"], atol=1e-5, rtol=1e-5)
+    # the adapter transformers saved there (active: "new") loads in real peft with the same logits
+    loaded = real_peft.PeftModel.from_pretrained(llama(), str(save))
+    torch.testing.assert_close(logits(loaded), out["new"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out["new"], out["loaded"], atol=1e-3)
