@@ -67,12 +67,12 @@ ARCHS = {"llama": (llama, ["q_proj", "v_proj"], ["k_proj", "down_proj"], ["k_pro
          "gpt2": (gpt2, ["c_attn"], ["c_proj"], ["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}
 
 
-def fill_adapters(model, markers=("lora_", "ia3_")):
+def fill_adapters(model, markers=("lora_", "ia3_"), salt=""):
     """Every adapter parameter gets values drawn from its own name: equal names -> equal weights in both libs."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(m in name for m in markers):
-                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                g = torch.Generator().manual_seed(zlib.crc32((salt + name).encode()))
                 v = torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.3
                 if "ia3_" in name:
                     v = 1.0 + v
@@ -124,10 +124,10 @@ def compare(fast: dict, real: dict, low_precision: bool = False):
             assert a == b, (k, a, b)
 
 
-def save_peft_adapter(lib, base, targets, path, **extra):
+def save_peft_adapter(lib, base, targets, path, salt="", **extra):
     """An adapter saved by `lib` (real peft or peft_fast) with name-seeded weights."""
     model = lib.get_peft_model(base, lib.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra))
-    fill_adapters(model)
+    fill_adapters(model, salt=salt)
     model.save_pretrained(path)
     return logits(model)
 
@@ -209,6 +209,7 @@ def saved_adapters(tmp_path_factory):
     fast_logits = save_peft_adapter(peft_fast, llama(), ["k_proj", "o_proj", "up_proj"], root / "fast")
     base_dir = root / "base"
     llama().save_pretrained(base_dir)
+    hot_logits = save_peft_adapter(real_peft, llama(), ["q_proj", "v_proj"], root / "hot", salt="hot")
     adapter_dir = root / "with_base"
     save_peft_adapter(real_peft, llama(), ["q_proj", "down_proj"], adapter_dir)
     with open(adapter_dir / "adapter_config.json") as f:
@@ -217,7 +218,7 @@ def saved_adapters(tmp_path_factory):
     with open(adapter_dir / "adapter_config.json", "w") as f:
         json.dump(cfg, f)
     return {"root": root, "real": root / "real", "fast": root / "fast", "real_logits": real_logits,
-            "fast_logits": fast_logits, "with_base": adapter_dir}
+            "fast_logits": fast_logits, "with_base": adapter_dir, "hot": root / "hot", "hot_logits": hot_logits}
 
 
 def scenario_load(paths, on):
@@ -244,6 +245,11 @@ def scenario_load(paths, on):
         model.set_adapter("default")
         model.save_pretrained(save_dir)
         out["saved_files"] = sorted(f for f in os.listdir(save_dir) if f.startswith("adapter_"))
+        # hotswap: same targets and rank, new weights into the existing "default" adapter, layers kept
+        layers_before = {n: id(m) for n, m in model.named_modules() if "lora_" in n}
+        model.load_adapter(str(paths["hot"]), adapter_name="default", hotswap=True)
+        out["hotswap"] = logits(model)
+        out["hotswap_same_modules"] = layers_before == {n: id(m) for n, m in model.named_modules() if "lora_" in n}
     return out, save_dir
 
 
@@ -258,6 +264,8 @@ def test_load_adapter_from_pretrained_save_match_peft(saved_adapters):
     assert fast["real_grad"] == []  # is_trainable=False: frozen
     assert fast["fast_grad"] and all(".fast." in n for n in fast["fast_grad"])
     assert fast["saved_files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(fast["hotswap"], saved_adapters["hot_logits"], atol=1e-5, rtol=1e-5)
+    assert fast["hotswap_same_modules"] is True and not torch.allclose(fast["hotswap"], fast["real"], atol=1e-3)
     # the adapter transformers saved from peft_fast's layers loads in real peft with equal logits
     loaded = real_peft.PeftModel.from_pretrained(llama(), str(fast_dir))
     assert type(loaded.base_model.model.model.layers[0].self_attn.q_proj).__module__.startswith("peft.")
@@ -319,6 +327,24 @@ def test_peft_module_paths_used_by_transformers_exist():
                    build_peft_weight_mapping, fsdp_auto_wrap_policy):
             assert fn.__module__.startswith("peft_fast."), fn
         assert issubclass(ModulesToSaveWrapper, AuxiliaryTrainingWrapper)
+
+
+def test_fsdp_auto_wrap_policy_matches_peft():
+    """The policy's decision for every module of a LoRA model equals real peft's."""
+    from peft.utils.other import fsdp_auto_wrap_policy as real_policy
+
+    from peft_fast.utils.other import fsdp_auto_wrap_policy
+
+    def decisions(lib, policy_fn):
+        model = lib.get_peft_model(llama(), lib.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        policy = policy_fn(model)
+        return {n: bool(policy(module=m, recurse=False, nonwrapped_numel=1)) for n, m in model.named_modules() if n}
+
+    real = decisions(real_peft, real_policy)
+    fast = decisions(peft_fast, fsdp_auto_wrap_policy)
+    assert fast == real
+    assert fast["base_model.model.model.layers.0"] and fast["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"]
+    assert not fast["base_model.model.model.layers.0.self_attn.q_proj.base_layer"]
 
 
 def test_functional_on_plain_module_peft_semantics():
