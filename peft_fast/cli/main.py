@@ -10,14 +10,14 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("bench", "train", "env", "merge")
+COMMANDS = ("bench", "train", "env", "merge", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="peft-fast",
         description="peft_fast: side-by-side throughput benchmark vs PEFT, (Q)LoRA/DoRA/IA3 training, "
-                    "environment report, adapter merging.",
+                    "environment report, adapter merging, running scripts with `import peft` giving peft_fast.",
     )
     sub = ap.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
