@@ -353,6 +353,46 @@ def test_load_peft_weights_hub_id(offline, repo, where):
             assert torch.equal(ours[k], ref[k]), k
 
 
+def test_download_options_reach_hf_hub_download(offline):
+    """revision, cache_dir and token reach the same hf_hub_download calls as with peft (the calls
+    spied on; they still read the cache). PEFT's deprecated `use_auth_token` is taken as the token
+    (peft passes it on as is, and huggingface_hub 2 refuses it)."""
+    from contextlib import ExitStack
+
+    real = hub.file_download.hf_hub_download
+    seen = {}
+    for name, lib in LIBS.items():
+        calls = seen[name] = set()
+
+        def spy(repo_id, filename, *args, calls=calls, **kw):
+            path = f"{kw['subfolder']}/{filename}" if kw.get("subfolder") else filename
+            calls.add((repo_id, path, kw.get("revision"), kw.get("token") or kw.get("use_auth_token"),
+                       kw.get("cache_dir")))
+            return real(repo_id, filename, *args, **kw)
+
+        targets = ["huggingface_hub.hf_hub_download"]
+        if name == "peft":
+            targets += ["peft.config.hf_hub_download", "peft.peft_model.hf_hub_download",
+                        "peft.utils.save_and_load.hf_hub_download"]
+        with ExitStack() as stack:
+            for target in targets:
+                stack.enter_context(mock.patch(target, autospec=True, side_effect=spy))  # keeps the signature peft reads
+            model = lib.PeftModel.from_pretrained(_load_base(), REF, revision="v2", token="hf_tok", cache_dir=offline.dir)
+            if name == "peft":  # peft hands use_auth_token to hf_hub_download, which (huggingface_hub >= 1) refuses it
+                with pytest.raises(ValueError, match="Can't find 'adapter_config.json'") as err:
+                    model.load_adapter(FAST, adapter_name="b", revision=_commit("bare"), use_auth_token="hf_old")
+                assert "use_auth_token" in str(err.value.__cause__ or err.value.__context__)
+                model.load_adapter(FAST, adapter_name="b", revision=_commit("bare"), token="hf_old")
+            else:
+                model.load_adapter(FAST, adapter_name="b", revision=_commit("bare"), use_auth_token="hf_old")
+            lib.LoraConfig.from_pretrained(FAST, subfolder="sub", token="hf_cfg")
+        torch.testing.assert_close(_logits(model, offline.x), offline.expected[REF, "branch"], msg=name)
+    assert seen["peft_fast"] == seen["peft"]
+    assert (REF, "adapter_model.safetensors", "v2", "hf_tok", offline.dir) in seen["peft_fast"]
+    assert (FAST, "adapter_model.bin", _commit("bare"), "hf_old", None) in seen["peft_fast"]
+    assert (FAST, "sub/adapter_config.json", None, "hf_cfg", None) in seen["peft_fast"]
+
+
 def test_local_files_only_without_offline_mode(monkeypatch, cache):
     """local_files_only=True + cache_dir + token, HF_HUB_OFFLINE unset: read from the cache, and no
     request ever made by peft_fast (transformers' own look-up of an adapter_config.json in the base
