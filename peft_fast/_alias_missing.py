@@ -3,7 +3,8 @@
 A library that imports, say, ``PrefixTuningConfig`` at its top must still load; a user who reaches for it
 must get an error that names it. So a missing class is a real class that nothing is an instance of
 (``isinstance`` answers False) and that raises NotImplementedError when instantiated; any of its class
-attributes raises AttributeError with the same message (``hasattr`` answers False). A missing function
+attributes raises AttributeError with the same message (``hasattr`` answers False), except an adapter
+layer's static ``adapter_layer_names``/``other_param_names``, which are PEFT's (diffusers reads them). A missing function
 raises NotImplementedError when called. A missing module answers every public name with such a
 placeholder. Placeholders are cached: the same name gives the same object.
 """
@@ -46,8 +47,12 @@ def missing_name(qualname: str, *, real_peft_installed: bool) -> Any:
                              f"({_message(qualname, real_peft_installed)})")
     message = _message(qualname, real_peft_installed)
     if name[:1].isupper():
-        obj = _MissingClassMeta(name, (), {"_peft_fast_missing": message, "__module__": module,
-                                           "__qualname__": name, "__doc__": message})
+        from ._peft_manifest import PEFT_LAYER_ATTRIBUTES
+
+        attrs = {"_peft_fast_missing": message, "__module__": module, "__qualname__": name, "__doc__": message}
+        if qualname in PEFT_LAYER_ATTRIBUTES:  # static names libraries read off layer classes (e.g. diffusers)
+            attrs["adapter_layer_names"], attrs["other_param_names"] = PEFT_LAYER_ATTRIBUTES[qualname]
+        obj = _MissingClassMeta(name, (), attrs)
     else:
         def obj(*args, _message=message, **kwargs):
             raise NotImplementedError(_message)

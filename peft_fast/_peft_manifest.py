@@ -932,3 +932,483 @@ PEFT_MODULE_NAMES = {
         'PeftWarning',
     ),
 }
+
+# adapter layer classes: (adapter_layer_names, other_param_names), static metadata libraries read
+PEFT_LAYER_ATTRIBUTES = {
+    'peft.tuners.adalora.bnb.SVDLinear8bitLt': (
+        ('lora_A', 'lora_B', 'lora_E', 'lora_embedding_A', 'lora_embedding_B'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'ranknum'),
+    ),
+    'peft.tuners.adalora.bnb.SVDLinear4bit': (
+        ('lora_A', 'lora_B', 'lora_E', 'lora_embedding_A', 'lora_embedding_B'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'ranknum'),
+    ),
+    'peft.tuners.adalora.gptq.SVDQuantLinear': (
+        ('lora_A', 'lora_B', 'lora_E', 'lora_embedding_A', 'lora_embedding_B'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'ranknum'),
+    ),
+    'peft.tuners.adalora.layer.AdaLoraLayer': (
+        ('lora_A', 'lora_B', 'lora_E', 'lora_embedding_A', 'lora_embedding_B'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'ranknum'),
+    ),
+    'peft.tuners.adalora.layer.SVDLinear': (
+        ('lora_A', 'lora_B', 'lora_E', 'lora_embedding_A', 'lora_embedding_B'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'ranknum'),
+    ),
+    'peft.tuners.adalora.layer.SVDConv2d': (
+        ('lora_A', 'lora_B', 'lora_E', 'lora_embedding_A', 'lora_embedding_B'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'ranknum'),
+    ),
+    'peft.tuners.adamss.layer.AdamssLayer': (
+        ('adamss_A', 'adamss_B'),
+        ('num_subspaces', 'train_subspace_index', 'seg_result', 'scatter_index', 'exp_avg_ipt_A', 'exp_avg_ipt_B', 'exp_avg_unc_A', 'exp_avg_unc_B', 'adamss_newB'),
+    ),
+    'peft.tuners.adamss.layer.Linear': (
+        ('adamss_A', 'adamss_B'),
+        ('num_subspaces', 'train_subspace_index', 'seg_result', 'scatter_index', 'exp_avg_ipt_A', 'exp_avg_ipt_B', 'exp_avg_unc_A', 'exp_avg_unc_B', 'adamss_newB'),
+    ),
+    'peft.tuners.beft.layer.BeftLayer': (
+        ('beft_bias',),
+        (),
+    ),
+    'peft.tuners.beft.layer.Linear': (
+        ('beft_bias',),
+        (),
+    ),
+    'peft.tuners.boft.layer.BOFTLayer': (
+        ('boft_R', 'boft_s'),
+        ('boft_block_size', 'boft_block_num', 'boft_dropout'),
+    ),
+    'peft.tuners.boft.layer.Linear': (
+        ('boft_R', 'boft_s'),
+        ('boft_block_size', 'boft_block_num', 'boft_dropout'),
+    ),
+    'peft.tuners.boft.layer.Conv2d': (
+        ('boft_R', 'boft_s'),
+        ('boft_block_size', 'boft_block_num', 'boft_dropout'),
+    ),
+    'peft.tuners.c3a.layer.C3ALayer': (
+        ('c3a_kernel',),
+        ('block_size',),
+    ),
+    'peft.tuners.c3a.layer.C3ALinear': (
+        ('c3a_kernel',),
+        ('block_size',),
+    ),
+    'peft.tuners.deft.layer.DeftLayer': (
+        ('deft_P', 'deft_R'),
+        ('deft_r', 'deft_decomposition', 'deft_init_scale', 'deft_para', 'deft_scaling', 'deft_dropout', '_cached_merge_factor'),
+    ),
+    'peft.tuners.deft.layer.DeftLinear': (
+        ('deft_P', 'deft_R'),
+        ('deft_r', 'deft_decomposition', 'deft_init_scale', 'deft_para', 'deft_scaling', 'deft_dropout', '_cached_merge_factor'),
+    ),
+    'peft.tuners.delora.layer.DeloraLayer': (
+        ('delora_A', 'delora_B', 'delora_lambda'),
+        ('r', 'delora_dropout', 'delora_w_norm'),
+    ),
+    'peft.tuners.delora.layer.DeloraLinear': (
+        ('delora_A', 'delora_B', 'delora_lambda'),
+        ('r', 'delora_dropout', 'delora_w_norm'),
+    ),
+    'peft.tuners.fourierft.layer.FourierFTLayer': (
+        ('fourierft_spectrum',),
+        ('fourierft_n_frequency', 'fourierft_scaling', 'fourierft_random_loc_seed', 'indices'),
+    ),
+    'peft.tuners.fourierft.layer.FourierFTLinear': (
+        ('fourierft_spectrum',),
+        ('fourierft_n_frequency', 'fourierft_scaling', 'fourierft_random_loc_seed', 'indices'),
+    ),
+    'peft.tuners.frod.layer.FrodLayer': (
+        ('frod_lambda_l', 'frod_lambda_s_values'),
+        ('r', 'frod_V', 'frod_U', 'frod_s_indices', 'frod_s_size', 'runtime_offload_base_weight', 'frod_dropout'),
+    ),
+    'peft.tuners.frod.layer.Linear': (
+        ('frod_lambda_l', 'frod_lambda_s_values'),
+        ('r', 'frod_V', 'frod_U', 'frod_s_indices', 'frod_s_size', 'runtime_offload_base_weight', 'frod_dropout'),
+    ),
+    'peft.tuners.glora.layer.GloraLayer': (
+        ('glora_A', 'glora_B', 'glora_C', 'glora_D', 'glora_E'),
+        ('r',),
+    ),
+    'peft.tuners.glora.layer.GloraLinear': (
+        ('glora_A', 'glora_B', 'glora_C', 'glora_D', 'glora_E'),
+        ('r',),
+    ),
+    'peft.tuners.gralora.layer.GraloraLayer': (
+        ('gralora_A', 'gralora_B', 'gralora_A_general', 'gralora_B_general'),
+        ('r', 'hybrid_r', 'alpha', 'scaling', 'gralora_dropout', 'gralora_k'),
+    ),
+    'peft.tuners.gralora.layer.Linear': (
+        ('gralora_A', 'gralora_B', 'gralora_A_general', 'gralora_B_general'),
+        ('r', 'hybrid_r', 'alpha', 'scaling', 'gralora_dropout', 'gralora_k'),
+    ),
+    'peft.tuners.hira.bnb.Linear8bitLt': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.bnb.Linear4bit': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.layer.HiraLayer': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.layer.Linear': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.layer.Embedding': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.layer._ConvNd': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.layer.Conv2d': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.layer.Conv1d': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hira.layer.Conv3d': (
+        ('hira_A', 'hira_B', 'hira_embedding_A', 'hira_embedding_B'),
+        ('r', 'hira_dropout'),
+    ),
+    'peft.tuners.hra.layer.HRALayer': (
+        ('hra_u',),
+        ('hra_r', 'hra_apply_GS'),
+    ),
+    'peft.tuners.hra.layer.HRALinear': (
+        ('hra_u',),
+        ('hra_r', 'hra_apply_GS'),
+    ),
+    'peft.tuners.hra.layer.HRAConv2d': (
+        ('hra_u',),
+        ('hra_r', 'hra_apply_GS'),
+    ),
+    'peft.tuners.ia3.bnb.Linear8bitLt': (
+        ('ia3_l',),
+        (),
+    ),
+    'peft.tuners.ia3.bnb.Linear4bit': (
+        ('ia3_l',),
+        (),
+    ),
+    'peft.tuners.ia3.layer.IA3Layer': (
+        ('ia3_l',),
+        (),
+    ),
+    'peft.tuners.ia3.layer.Linear': (
+        ('ia3_l',),
+        (),
+    ),
+    'peft.tuners.ia3.layer._ConvNd': (
+        ('ia3_l',),
+        (),
+    ),
+    'peft.tuners.ia3.layer.Conv2d': (
+        ('ia3_l',),
+        (),
+    ),
+    'peft.tuners.ia3.layer.Conv3d': (
+        ('ia3_l',),
+        (),
+    ),
+    'peft.tuners.lily.layer.LilyLayer': (
+        ('lily_A', 'lily_B', 'lily_router'),
+        ('r', 'scaling', 'stride_A', 'num_B'),
+    ),
+    'peft.tuners.lily.layer.Linear': (
+        ('lily_A', 'lily_B', 'lily_router'),
+        ('r', 'scaling', 'stride_A', 'num_B'),
+    ),
+    'peft.tuners.ln_tuning.layer.LNTuningLayer': (
+        ('ln_tuning_layers',),
+        (),
+    ),
+    'peft.tuners.loha.layer.LoHaLayer': (
+        ('hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b', 'hada_t1', 'hada_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.loha.layer.Linear': (
+        ('hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b', 'hada_t1', 'hada_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.loha.layer.Conv2d': (
+        ('hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b', 'hada_t1', 'hada_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.loha.layer.Conv1d': (
+        ('hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b', 'hada_t1', 'hada_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.lokr.layer.LoKrLayer': (
+        ('lokr_w1', 'lokr_w1_a', 'lokr_w1_b', 'lokr_w2', 'lokr_w2_a', 'lokr_w2_b', 'lokr_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.lokr.layer.Linear': (
+        ('lokr_w1', 'lokr_w1_a', 'lokr_w1_b', 'lokr_w2', 'lokr_w2_a', 'lokr_w2_b', 'lokr_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.lokr.layer.Conv2d': (
+        ('lokr_w1', 'lokr_w1_a', 'lokr_w1_b', 'lokr_w2', 'lokr_w2_a', 'lokr_w2_b', 'lokr_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.lokr.layer.Conv1d': (
+        ('lokr_w1', 'lokr_w1_a', 'lokr_w1_b', 'lokr_w2', 'lokr_w2_a', 'lokr_w2_b', 'lokr_t2'),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.lora.aqlm.AqlmLoraLinear': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.awq.AwqLoraLinear': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.bnb.Linear8bitLt': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.bnb.Linear4bit': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.gptq.GPTQLoraLinear': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.LoraLayer': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.Linear': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.Embedding': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer._ConvNd': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.Conv2d': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.Conv1d': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.Conv3d': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.MultiheadAttention': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.layer.ParamWrapper': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.te.TeLinear': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.torchao.TorchaoLoraLinear': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lora.tp_layer.LoraParallelLinear': (
+        ('lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'),
+        ('r', 'lora_alpha', 'scaling', 'lora_dropout', 'use_dora', 'use_rslora', 'lora_bias'),
+    ),
+    'peft.tuners.lycoris_utils.LycorisLayer': (
+        (),
+        ('r', 'alpha', 'scaling', 'rank_dropout', 'rank_dropout_scale', 'module_dropout'),
+    ),
+    'peft.tuners.miss.layer.MissLayer': (
+        ('miss_block',),
+        ('miss_r', 'miss_dropout', 'miss_mini_r'),
+    ),
+    'peft.tuners.miss.layer.MissLinear': (
+        ('miss_block',),
+        ('miss_r', 'miss_dropout', 'miss_mini_r'),
+    ),
+    'peft.tuners.oft.layer.OFTLayer': (
+        ('oft_R', 'oft_embedding_R'),
+        ('r', 'oft_block_size', 'oft_dropout'),
+    ),
+    'peft.tuners.oft.layer.Linear': (
+        ('oft_R', 'oft_embedding_R'),
+        ('r', 'oft_block_size', 'oft_dropout'),
+    ),
+    'peft.tuners.oft.layer.Conv2d': (
+        ('oft_R', 'oft_embedding_R'),
+        ('r', 'oft_block_size', 'oft_dropout'),
+    ),
+    'peft.tuners.oft.layer.Embedding': (
+        ('oft_R', 'oft_embedding_R'),
+        ('r', 'oft_block_size', 'oft_dropout'),
+    ),
+    'peft.tuners.osf.layer.OSFLayer': (
+        ('osf_svd_params',),
+        ('_osf_U_low_init', '_osf_S_low_init', '_osf_V_low_init', '_osf_U_high', '_osf_V_high', 'effective_rank'),
+    ),
+    'peft.tuners.osf.layer.Linear': (
+        ('osf_svd_params',),
+        ('_osf_U_low_init', '_osf_S_low_init', '_osf_V_low_init', '_osf_U_high', '_osf_V_high', 'effective_rank'),
+    ),
+    'peft.tuners.peanut.layer.PeanutLayer': (
+        ('peanut_A', 'peanut_B', 'peanut_encoders', 'peanut_decoders'),
+        ('r', 'depth', 'scaling', 'act_fn', 'res_num'),
+    ),
+    'peft.tuners.peanut.layer.Linear': (
+        ('peanut_A', 'peanut_B', 'peanut_encoders', 'peanut_decoders'),
+        ('r', 'depth', 'scaling', 'act_fn', 'res_num'),
+    ),
+    'peft.tuners.poly.layer.PolyLayer': (
+        ('poly_lora_A', 'poly_lora_B', 'poly_router'),
+        ('r', 'n_tasks', 'n_skills', 'n_splits', 'poly_type'),
+    ),
+    'peft.tuners.poly.layer.Linear': (
+        ('poly_lora_A', 'poly_lora_B', 'poly_router'),
+        ('r', 'n_tasks', 'n_skills', 'n_splits', 'poly_type'),
+    ),
+    'peft.tuners.psoft.layer.PsoftLayer': (
+        ('psoft_R',),
+        ('r', 'psoft_alpha', 'scaling', 'psoft_dropout', 'psoft_svd', 'psoft_svd_lowrank_niter', 'random_seed', 'ab_svd_init', '_psoft_A_cache', '_psoft_B_cache'),
+    ),
+    'peft.tuners.psoft.layer.Linear': (
+        ('psoft_R',),
+        ('r', 'psoft_alpha', 'scaling', 'psoft_dropout', 'psoft_svd', 'psoft_svd_lowrank_niter', 'random_seed', 'ab_svd_init', '_psoft_A_cache', '_psoft_B_cache'),
+    ),
+    'peft.tuners.pvera.bnb.Linear8bitLt': (
+        ('pvera_lambda_b', 'pvera_lambda_d'),
+        ('pvera_A', 'pvera_B', 'pvera_dropout', 'r', 'sample_at_inference', 'pvera_generator'),
+    ),
+    'peft.tuners.pvera.bnb.Linear4bit': (
+        ('pvera_lambda_b', 'pvera_lambda_d'),
+        ('pvera_A', 'pvera_B', 'pvera_dropout', 'r', 'sample_at_inference', 'pvera_generator'),
+    ),
+    'peft.tuners.pvera.layer.PveraLayer': (
+        ('pvera_lambda_b', 'pvera_lambda_d'),
+        ('pvera_A', 'pvera_B', 'pvera_dropout', 'r', 'sample_at_inference', 'pvera_generator'),
+    ),
+    'peft.tuners.pvera.layer.Linear': (
+        ('pvera_lambda_b', 'pvera_lambda_d'),
+        ('pvera_A', 'pvera_B', 'pvera_dropout', 'r', 'sample_at_inference', 'pvera_generator'),
+    ),
+    'peft.tuners.randlora.bnb.Linear8bitLt': (
+        ('randlora_lambda', 'randlora_gamma'),
+        ('randlora_A', 'randlora_B', 'randlora_dropout', 'r', 'scaling'),
+    ),
+    'peft.tuners.randlora.bnb.Linear4bit': (
+        ('randlora_lambda', 'randlora_gamma'),
+        ('randlora_A', 'randlora_B', 'randlora_dropout', 'r', 'scaling'),
+    ),
+    'peft.tuners.randlora.layer.RandLoraLayer': (
+        ('randlora_lambda', 'randlora_gamma'),
+        ('randlora_A', 'randlora_B', 'randlora_dropout', 'r', 'scaling'),
+    ),
+    'peft.tuners.randlora.layer.Linear': (
+        ('randlora_lambda', 'randlora_gamma'),
+        ('randlora_A', 'randlora_B', 'randlora_dropout', 'r', 'scaling'),
+    ),
+    'peft.tuners.road.bnb.Linear8bitLt': (
+        ('road_theta', 'road_alpha'),
+        ('variant', 'group_size'),
+    ),
+    'peft.tuners.road.bnb.Linear4bit': (
+        ('road_theta', 'road_alpha'),
+        ('variant', 'group_size'),
+    ),
+    'peft.tuners.road.layer.RoadLayer': (
+        ('road_theta', 'road_alpha'),
+        ('variant', 'group_size'),
+    ),
+    'peft.tuners.road.layer.Linear': (
+        ('road_theta', 'road_alpha'),
+        ('variant', 'group_size'),
+    ),
+    'peft.tuners.shadow.layers.ShadowLayer': (
+        ('shadow_down', 'shadow_up', 'shadow_update_transform', 'shadow_update_gate', 'shadow_dropout'),
+        ('shadow_r', 'shadow_alpha'),
+    ),
+    'peft.tuners.shira.layer.ShiraLayer': (
+        ('shira_weight',),
+        ('r', 'scaling', 'shira_indices'),
+    ),
+    'peft.tuners.shira.layer.Linear': (
+        ('shira_weight',),
+        ('r', 'scaling', 'shira_indices'),
+    ),
+    'peft.tuners.supertuning.layer.SupertuningLayer': (
+        ('supertuning_values', 'supertuning_lora_A', 'supertuning_lora_B'),
+        ('supertuning_indices', 'supertuning_rank', 'supertuning_lora_alpha', 'supertuning_lora_dropout'),
+    ),
+    'peft.tuners.supertuning.layer.Linear': (
+        ('supertuning_values', 'supertuning_lora_A', 'supertuning_lora_B'),
+        ('supertuning_indices', 'supertuning_rank', 'supertuning_lora_alpha', 'supertuning_lora_dropout'),
+    ),
+    'peft.tuners.tinylora.layer.TinyLoraLayer': (
+        ('tinylora_v',),
+        ('tinylora_A', 'tinylora_B', 'tinylora_P'),
+    ),
+    'peft.tuners.tinylora.layer.Linear': (
+        ('tinylora_v',),
+        ('tinylora_A', 'tinylora_B', 'tinylora_P'),
+    ),
+    'peft.tuners.tinylora.layer.Embedding': (
+        ('tinylora_v',),
+        ('tinylora_A', 'tinylora_B', 'tinylora_P'),
+    ),
+    'peft.tuners.trainable_tokens.layer.TrainableTokensLayer': (
+        ('trainable_tokens_delta',),
+        ('token_indices', 'trainable_tokens_original'),
+    ),
+    'peft.tuners.tuners_utils.BaseTunerLayer': (
+        (),
+        (),
+    ),
+    'peft.tuners.unilora.layer.UniLoraLayer': (
+        ('unilora_theta_d',),
+        ('r', 'unilora_indices_A', 'unilora_indices_B', 'unilora_scales_A', 'unilora_scales_B', 'unilora_dropout'),
+    ),
+    'peft.tuners.unilora.layer.Linear': (
+        ('unilora_theta_d',),
+        ('r', 'unilora_indices_A', 'unilora_indices_B', 'unilora_scales_A', 'unilora_scales_B', 'unilora_dropout'),
+    ),
+    'peft.tuners.vblora.layer.VBLoRALayer': (
+        ('vblora_logits_A', 'vblora_logits_B', 'vblora_vector_bank'),
+        ('r', 'topk', 'vblora_dropout'),
+    ),
+    'peft.tuners.vblora.layer.Linear': (
+        ('vblora_logits_A', 'vblora_logits_B', 'vblora_vector_bank'),
+        ('r', 'topk', 'vblora_dropout'),
+    ),
+    'peft.tuners.vera.layer.VeraLayer': (
+        ('vera_lambda_b', 'vera_lambda_d'),
+        ('vera_A', 'vera_B', 'vera_dropout', 'r'),
+    ),
+    'peft.tuners.vera.layer.Linear': (
+        ('vera_lambda_b', 'vera_lambda_d'),
+        ('vera_A', 'vera_B', 'vera_dropout', 'r'),
+    ),
+    'peft.tuners.waveft.layer.WaveFTLayer': (
+        ('waveft_spectrum',),
+        ('waveft_n_frequency', 'waveft_scaling', 'waveft_random_loc_seed', 'waveft_wavelet_family', 'waveft_indices', 'waveft_use_idwt'),
+    ),
+    'peft.tuners.waveft.layer.WaveFTLinear': (
+        ('waveft_spectrum',),
+        ('waveft_n_frequency', 'waveft_scaling', 'waveft_random_loc_seed', 'waveft_wavelet_family', 'waveft_indices', 'waveft_use_idwt'),
+    ),
+}

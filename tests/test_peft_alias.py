@@ -114,9 +114,11 @@ def test_what_peft_has_and_peft_fast_lacks_is_a_placeholder_that_names_itself(al
         PrefixTuningConfig(num_virtual_tokens=4)
     with pytest.raises(NotImplementedError, match=r"`peft\.tuners\.lokr\.layer\.factorization`"):
         factorization(16, 4)
-    assert not hasattr(LoKrLayer, "adapter_layer_names")
+    assert not hasattr(LoKrLayer, "update_layer")
     with pytest.raises(AttributeError, match=r"peft\.tuners\.lokr\.layer\.LoKrLayer"):
-        LoKrLayer.adapter_layer_names
+        LoKrLayer.update_layer
+    # static layer metadata is PEFT's (diffusers' layerwise casting reads it off every layer class)
+    assert "lokr_w1" in LoKrLayer.adapter_layer_names
     # a name PEFT has in a module peft_fast also has
     from peft.tuners.lora.layer import LoraEmbeddingATPHolder
 
@@ -263,19 +265,25 @@ def regenerate_manifest() -> dict:
 
     import peft
 
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     modules = sorted(m.name for m in pkgutil.walk_packages(peft.__path__, "peft."))
-    names = {}
+    names, layers = {}, {}
     for m in modules:
         try:
             mod = importlib.import_module(m)
         except Exception:  # noqa: BLE001 - optional dependencies of peft's own modules
             continue
+        for k, v in vars(mod).items():
+            if isinstance(v, type) and issubclass(v, BaseTunerLayer) and v.__module__ == m:
+                layers[f"{m}.{k}"] = (tuple(v.adapter_layer_names), tuple(v.other_param_names))
         pub = set(getattr(mod, "__all__", [])) | {
             k for k, v in vars(mod).items() if not k.startswith("_") and getattr(v, "__module__", None) == m}
         pub = sorted(k for k in pub if not k.isupper() and not k.startswith("_"))
         if pub:
             names[m] = tuple(pub)
-    return dict(version=peft.__version__, all=tuple(sorted(peft.__all__)), modules=tuple(modules), names=names)
+    return dict(version=peft.__version__, all=tuple(sorted(peft.__all__)), modules=tuple(modules), names=names,
+                layers=layers)
 
 
 def test_manifest_matches_the_pinned_peft():
@@ -286,6 +294,7 @@ def test_manifest_matches_the_pinned_peft():
     assert real["all"] == _peft_manifest.PEFT_ALL
     assert real["modules"] == _peft_manifest.PEFT_MODULES
     assert real["names"] == _peft_manifest.PEFT_MODULE_NAMES
+    assert real["layers"] == _peft_manifest.PEFT_LAYER_ATTRIBUTES
 
 
 def _manifest_source(m: dict) -> str:
@@ -294,9 +303,12 @@ def _manifest_source(m: dict) -> str:
                              break_on_hyphens=False)
 
     body = "\n".join(f"    {k!r}: (\n{fmt(v, '        ')},\n    )," for k, v in m["names"].items())
+    layers = "\n".join(f"    {k!r}: (\n        {a!r},\n        {o!r},\n    )," for k, (a, o) in m["layers"].items())
     doc = _peft_manifest.__doc__.replace("PEFT " + _peft_manifest.PEFT_VERSION, "PEFT " + m["version"])
     return (f'"""{doc}"""\nPEFT_VERSION = {m["version"]!r}\n\nPEFT_ALL = (\n{fmt(m["all"])},\n)\n\n'
-            f'PEFT_MODULES = (\n{fmt(m["modules"])},\n)\n\nPEFT_MODULE_NAMES = {{\n{body}\n}}\n')
+            f'PEFT_MODULES = (\n{fmt(m["modules"])},\n)\n\nPEFT_MODULE_NAMES = {{\n{body}\n}}\n\n'
+            f'# adapter layer classes: (adapter_layer_names, other_param_names), static metadata libraries read\n'
+            f'PEFT_LAYER_ATTRIBUTES = {{\n{layers}\n}}\n')
 
 
 if __name__ == "__main__":  # python tests/test_peft_alias.py > peft_fast/_peft_manifest.py
