@@ -52,10 +52,10 @@ their loader so they are patched right after they execute (the finder removes it
 are done, and the modules' ``__loader__``/``__spec__.loader`` are set back to the real loader).
 Set ``PEFT_FAST_TRAINER_INTEGRATION=0`` before importing peft_fast to skip it.
 
-Not covered (still keyed on real peft): under FSDP, peft's auto-wrap policy for adapter layers
-(``fsdp_auto_wrap_policy`` knows peft's classes only) and accelerate's ``is_peft_model`` for
-adapter-only FSDP state dicts; trainers outside transformers (e.g. TRL) that run their own
-``isinstance(model, peft.PeftModel)`` checks.
+Not covered here (keyed on real peft): FSDP's auto-wrap policy for adapter layers, accelerate's
+``is_peft_model``, and libraries outside transformers' Trainer (TRL, diffusers, transformers'
+``add_adapter``/``load_adapter``) that import peft by name. For those, ``peft_fast.install_as_peft()``
+(peft_alias.py) makes ``import peft`` give peft_fast.
 """
 from __future__ import annotations
 
