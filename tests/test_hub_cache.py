@@ -41,6 +41,7 @@ FAST = "org/adapter-fast"  # adapters saved by peft_fast
 REF = "org/adapter-peft"  # adapters saved by real peft
 CONFIG_ONLY = "org/config-only"  # adapter_config.json but no weights
 ON_V_BASE = {"peft_fast": "org/fast-on-v-base", "peft": "org/peft-on-v-base"}  # base model at its branch v-base
+NO_TASK = {"peft_fast": "org/fast-no-task", "peft": "org/peft-no-task"}  # task_type=None: auto_mapping used
 WITH_TOKENIZER = "org/adapter-with-tokenizer"  # FAST's main adapter + a 130-token tokenizer (base: 128)
 LIBS = {"peft": peft, "peft_fast": peft_fast}
 
@@ -163,6 +164,15 @@ def cache(tmp_path_factory):
             lib = LIBS[name]
             torch.manual_seed(20)
             model = lib.get_peft_model(_load_base(revision="v-base"), _lora(lib, "main"), revision="v-base").eval()
+            expected[repo, "main"] = _logits(model, x)
+            model.save_pretrained(str(root / repo.replace("/", "_")))
+            _add_snapshot(cache_dir, repo, _dir_files(str(root / repo.replace("/", "_"))), _commit(repo), refs=["main"])
+        for name, repo in NO_TASK.items():  # no task type: adapter_config.json records the base model class
+            lib = LIBS[name]
+            config = _lora(lib, "branch")
+            config.task_type = None
+            torch.manual_seed(30)
+            model = lib.get_peft_model(_load_base(), config).eval()
             expected[repo, "main"] = _logits(model, x)
             model.save_pretrained(str(root / repo.replace("/", "_")))
             _add_snapshot(cache_dir, repo, _dir_files(str(root / repo.replace("/", "_"))), _commit(repo), refs=["main"])
@@ -298,6 +308,36 @@ def test_auto_peft_model_loads_the_base_at_the_configs_revision(offline, saved_b
         model = lib.AutoPeftModelForCausalLM.from_pretrained(repo)
         assert model.peft_config["default"].revision == "v-base"
         torch.testing.assert_close(_logits(model, offline.x), expected)
+
+
+@pytest.mark.parametrize("saved_by", list(NO_TASK))
+def test_auto_peft_model_without_task_type_uses_auto_mapping(offline, saved_by):
+    """No task type: AutoPeftModel (and AutoPeftModelForCausalLM) rebuild the base model class
+    recorded in adapter_config.json's auto_mapping (LlamaForCausalLM, not the bare LlamaModel)."""
+    repo = NO_TASK[saved_by]
+    for lib in LIBS.values():
+        for auto in (lib.AutoPeftModel, lib.AutoPeftModelForCausalLM):
+            model = auto.from_pretrained(repo)
+            assert type(model.get_base_model()).__name__ == "LlamaForCausalLM"
+            torch.testing.assert_close(_logits(model, offline.x), offline.expected[repo, "main"])
+
+
+def test_auto_peft_model_class_errors_same_as_peft(offline):
+    cases = [("AutoPeftModel", FAST, {}),  # a task type needs the task's class
+             ("AutoPeftModelForSequenceClassification", FAST, {}),  # the wrong task's class
+             ("AutoPeftModel", NO_TASK["peft_fast"], {"import_allowlist": ["diffusers"]})]
+    for cls_name, repo, kw in cases:
+        messages = []
+        for lib in LIBS.values():
+            with pytest.raises(ValueError) as err:
+                getattr(lib, cls_name).from_pretrained(repo, **kw)
+            messages.append(str(err.value))
+        assert messages[1] == messages[0], cls_name
+    assert "'transformers.models.llama.modeling_llama' which is not in the import allowlist" in messages[0]
+    assert peft_fast.auto.get_default_import_allowlist() == peft.auto.get_default_import_allowlist()
+    for parent in ("transformers", "transformers.models", "transformersx", "os"):
+        assert peft_fast.auto.check_import_allowlist(["transformers"], parent) == \
+            peft.auto.check_import_allowlist(["transformers"], parent)
 
 
 def test_auto_peft_model_resizes_to_a_cached_tokenizer(offline):
