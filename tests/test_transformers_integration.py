@@ -427,9 +427,98 @@ def test_build_peft_weight_mapping_renames_and_moe_refusal():
     moe = get_checkpoint_conversion_mapping("mixtral")
     ok = build_peft_weight_mapping(moe, "default", peft_fast.LoraConfig(target_modules=["q_proj", "v_proj"]))
     assert any(isinstance(r, WeightRenaming) and r.source_patterns == [".block_sparse_moe."] for r in ok)
-    for targets in (["w1", "w3"], "all-linear", ["model.layers.0.block_sparse_moe.experts.0.w2"]):
-        with pytest.raises(NotImplementedError, match="peft_fast does not convert LoRA weights of MoE experts"):
-            build_peft_weight_mapping(moe, "default", peft_fast.LoraConfig(target_modules=targets))
+    # per expert fusion, one converter for lora_A and one for lora_B, as PEFT
+    assert len(ok) - len([r for r in ok if isinstance(r, WeightRenaming)]) == 4
+
+
+E, H, F, R = 4, 32, 48, 2
+
+
+def mixtral():
+    cfg = transformers.MixtralConfig(hidden_size=H, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=VOCAB, num_local_experts=E,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def test_load_v4_layout_moe_adapter_fuses_experts(tmp_path):
+    """An adapter trained on transformers v4's per-expert Mixtral layout (w1/w2/w3 of each expert) loads into v5's
+    fused gate_up_proj/down_proj through peft_fast's ParamWrapper: logits equal an independent reference (the
+    deltas B_e @ A_e added to the fused base weights) and real peft's."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for layer in range(2):
+        for e in range(E):
+            for w, (fan_in, fan_out) in {"w1": (H, F), "w3": (H, F), "w2": (F, H)}.items():
+                pre = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
+                sd[pre + ".lora_A.weight"] = torch.randn(R, fan_in, generator=g) * 0.3
+                sd[pre + ".lora_B.weight"] = torch.randn(fan_out, R, generator=g) * 0.3
+        pre = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        sd[pre + ".lora_A.weight"] = torch.randn(R, H, generator=g) * 0.3
+        sd[pre + ".lora_B.weight"] = torch.randn(H, R, generator=g) * 0.3
+    save_file(sd, str(tmp_path / "adapter_model.safetensors"))
+    cfg = real_peft.LoraConfig(r=R, lora_alpha=4, target_modules=["q_proj", "w1", "w2", "w3"]).to_dict()
+    with open(tmp_path / "adapter_config.json", "w") as f:
+        json.dump({k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}, f, default=str)
+
+    ref = mixtral()
+    scale = 4 / R
+    with torch.no_grad():
+        for layer in range(2):
+            blk = ref.model.layers[layer]
+            pre = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts"
+
+            def delta(w, e, pre=pre):
+                return sd[f"{pre}.{e}.{w}.lora_B.weight"] @ sd[f"{pre}.{e}.{w}.lora_A.weight"] * scale
+
+            for e in range(E):
+                blk.mlp.experts.gate_up_proj[e] += torch.cat([delta("w1", e), delta("w3", e)], 0)
+                blk.mlp.experts.down_proj[e] += delta("w2", e)
+            q = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+            blk.self_attn.q_proj.weight += sd[q + ".lora_B.weight"] @ sd[q + ".lora_A.weight"] * scale
+    expected = logits(ref)
+    assert not torch.allclose(expected, logits(mixtral()), atol=1e-2)
+
+    got = {}
+    for on in (False, True):
+        with alias(on):
+            model = mixtral()
+            model.load_adapter(str(tmp_path))
+            got[on] = logits(model)
+            cfg = model.peft_config["default"]
+            assert sorted(cfg.target_parameters) == ["down_proj", "gate_up_proj"]
+            assert set(cfg.target_modules) == {"q_proj"} and cfg.rank_pattern == {r".*\.gate_up_proj": 2 * R}
+            if on:
+                from peft_fast.tuners.lora.param_wrapper import ParamWrapper
+
+                assert isinstance(model.model.layers[0].mlp.experts, ParamWrapper)
+                assert_peft_fast_layers(model, peft_fast.tuners.lora.layer.LoraLayer, True)
+    torch.testing.assert_close(got[True], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[True], got[False], atol=1e-5, rtol=1e-5)
+
+
+def test_convert_peft_config_for_transformers_moe_rules():
+    from peft_fast.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    model = mixtral()
+    cfg = peft_fast.LoraConfig(r=3, lora_alpha=5, target_modules=["w2", "gate", "k_proj"])
+    convert_peft_config_for_transformers(cfg, model)
+    assert sorted(cfg.target_parameters) == ["down_proj", "gate.weight"] and set(cfg.target_modules) == {"k_proj"}
+    assert not cfg.rank_pattern  # down_proj fuses one projection: rank and alpha unchanged
+    with pytest.raises(ValueError, match="without also targeting w3 because they are fused into gate_up_proj"):
+        convert_peft_config_for_transformers(peft_fast.LoraConfig(target_modules=["w1"]), model)
+    with pytest.raises(NotImplementedError, match="regex target_modules"):
+        convert_peft_config_for_transformers(peft_fast.LoraConfig(target_modules=r".*\.w[13]"), model)
+    untouched = peft_fast.LoraConfig(target_modules=["q_proj"])
+    convert_peft_config_for_transformers(untouched, llama())
+    convert_peft_config_for_transformers(untouched, model)
+    assert untouched.target_modules == {"q_proj"} and not untouched.target_parameters
+    ia3 = peft_fast.IA3Config(target_modules=["w1"], feedforward_modules=[])
+    convert_peft_config_for_transformers(ia3, model)  # PEFT converts LoRA only
+    assert ia3.target_modules == {"w1"}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -359,6 +359,12 @@ class BaseTuner(nn.Module):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
+        if hasattr(getattr(model, "config", None), "model_type"):
+            # transformers v5 fused the MoE experts of some models (Mixtral, Qwen2-MoE, ...): a config naming
+            # the v4 per-expert modules is rewritten in place to target the fused parameters, as in PEFT
+            from ..utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+            convert_peft_config_for_transformers(self.peft_config[adapter_name], model=model)
         peft_config = self.peft_config[adapter_name]
         self._check_new_adapter_config(peft_config)
         peft_config = self._prepare_adapter_config(peft_config, self.get_model_config(model))

@@ -12,13 +12,21 @@ through the list returned:
    ``...q_proj.lora_A.<adapter>.weight``, ``...k_proj.ia3_l`` -> ``...k_proj.ia3_l.<adapter>``;
 3. the model's own renamings, unchanged.
 
-MoE expert fusions (``gate_up_proj`` built by Concatenate + MergeModulelist, ``down_proj`` by
-MergeModulelist: Mixtral, Qwen2-MoE, ...) need the LoRA factors of the experts fused the same way and
-the adapter config rewritten to target the fused parameters; peft_fast does not do that conversion.
-An adapter whose config targets those experts raises NotImplementedError naming the conversion; one
-that does not (e.g. attention-only LoRA on Mixtral) loads, the expert fusions never touching its keys.
+4. MoE expert fusions (transformers v5 stores the experts of Mixtral, Qwen2-MoE, ... as one 3-d
+   ``gate_up_proj`` (w1/gate_proj and w3/up_proj of every expert, MergeModulelist + Concatenate) and one
+   ``down_proj`` (w2, MergeModulelist)): the per-expert LoRA factors of an adapter trained on the v4 layout
+   are fused the same way, into the layout of peft_fast's `ParamWrapper` (PEFT's): lora_A
+   ``(experts * r, in)`` expert-major, lora_B ``(out, r * experts)`` rank-major; for ``gate_up_proj`` the
+   two projections' A factors are concatenated along the rank and their B factors put block-diagonally,
+   so each keeps its own rank (``W01 + [B0 0; 0 B1] @ [A0; A1] = [W0 + B0 A0; W1 + B1 A1]``).
 
-Errors: NotImplementedError as above.
+`convert_peft_config_for_transformers` rewrites a LoRA config written for the v4 layout (``target_modules``
+naming w1/w2/w3, gate_proj/up_proj/down_proj of the experts, the router ``gate``) into ``target_parameters``
+of the fused parameters, doubling rank and alpha of ``gate_up_proj`` (two fused projections, same scale);
+every tuner calls it when injecting into a transformers model, as PEFT does.
+
+Errors: ValueError when a config targets only one of two fused projections; NotImplementedError for a
+regex ``target_modules`` that names fused experts (give the names as a list).
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from typing import Any, Optional
 
 from .constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, PEFT_TYPE_TO_PREFIX_MAPPING
 
-__all__ = ["build_peft_weight_mapping"]
+__all__ = ["build_peft_weight_mapping", "convert_peft_config_for_transformers"]
 
 
 def _type_key(peft_type) -> Optional[str]:
@@ -56,35 +64,213 @@ def _fused_expert_conversion(conversion) -> Optional[str]:
     return None
 
 
-def _leaf_names(conversion) -> set[str]:
-    """The module names of a fusion's sources: '.experts.*.w1.weight' -> 'w1'."""
-    leaves = set()
+def _leaf_names(conversion) -> list[str]:
+    """The module names of a fusion's sources, in order: ['.experts.*.w1.weight', '.experts.*.w3.weight'] ->
+    ['w1', 'w3']."""
+    leaves = []
     for pattern in conversion.source_patterns:
         parts = [p for p in pattern.split(".") if p]
-        if len(parts) >= 2:
-            leaves.add(parts[-2])
+        if len(parts) >= 2 and parts[-2] not in leaves:
+            leaves.append(parts[-2])
     return leaves
 
 
-def _config_targets(peft_config, names: set[str]) -> bool:
-    """Whether `peft_config` (LoRA) would adapt modules or parameters called one of `names`."""
-    if peft_config is None:
-        return True  # unknown: refuse rather than silently skip expert weights
+_OPS: dict[str, type] = {}
+
+
+def _ops() -> dict[str, type]:
+    """The conversion ops (transformers' ConversionOps subclasses, built on first use: transformers v5 only)."""
+    if _OPS:
+        return _OPS
+    import torch
+    from transformers.core_model_loading import Concatenate, ConversionOps
+
+    def _ordered(input_dict, source_patterns):
+        extra = set(input_dict) - set(source_patterns)
+        if extra:
+            raise ValueError(f"LoRA expert fusion got tensors for {sorted(extra)}, not among {source_patterns}")
+        return [input_dict[p] for p in source_patterns if p in input_dict]
+
+    class LoraBlockDiagConcatenate(Concatenate):
+        """The B factors of fused projections, block-diagonally: 2-d (out, r) each -> (n*out, n*r); 3-d
+        (experts, out, r) each -> per expert (experts, n*out, n*r), then laid out as (n*out, n*r*experts)
+        rank-major (ParamWrapper's lora_B)."""
+
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            tensors = [t if isinstance(t, torch.Tensor) else torch.stack(t) for t in _ordered(input_dict, source_patterns)]
+            for p in source_patterns:
+                input_dict.pop(p, None)
+            ndims = {t.dim() for t in tensors}
+            target = self.get_target_pattern(target_patterns)
+            if ndims == {2}:
+                return {target: torch.block_diag(*tensors)}
+            if ndims != {3} or len({t.shape[0] for t in tensors}) != 1:
+                raise ValueError(f"LoRA B factors to fuse must all be 2-d or all 3-d with the same number of experts, "
+                                 f"got shapes {[tuple(t.shape) for t in tensors]}")
+            per_expert = torch.stack([torch.block_diag(*(t[e] for t in tensors)) for e in range(tensors[0].shape[0])])
+            # (experts, n*out, n*r) -> (n*r, experts, n*out) -> (n*r*experts, n*out) -> (n*out, n*r*experts)
+            return {target: per_expert.permute(2, 0, 1).flatten(0, 1).T.contiguous()}
+
+        @property
+        def reverse_op(self):
+            raise NotImplementedError("Reversing the LoRA expert fusion (LoraBlockDiagConcatenate) is not supported.")
+
+    class _Reshape(ConversionOps):
+        def __init__(self, dims):
+            self.dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+
+        def __repr__(self):
+            return f"{type(self).__name__}(dims={self.dims})"
+
+        @property
+        def reverse_op(self):
+            raise NotImplementedError(f"Reversing {type(self).__name__} is not supported.")
+
+    class FlattenDims(_Reshape):
+        """Flatten each tensor from dims[0] to dims[1]."""
+
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            return {k: v.flatten(*self.dims) for k, v in input_dict.items()}
+
+    class PermuteDims(_Reshape):
+        """Permute the dimensions of each tensor."""
+
+        @torch.no_grad()
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            return {k: v.permute(*self.dims) for k, v in input_dict.items()}
+
+    _OPS.update(LoraBlockDiagConcatenate=LoraBlockDiagConcatenate, FlattenDims=FlattenDims, PermuteDims=PermuteDims)
+    return _OPS
+
+
+def _expert_lora_converters(conversion, fused: str, adapter_name: str) -> list[Any]:
+    """For one expert fusion of the base model, the converters of its LoRA factors (lora_A and lora_B).
+
+    Sources: the per-expert factors (``.experts.*.w1.lora_A.*``); target: the ParamWrapper's factor
+    (``gate_up_proj`` is the inner wrapper, reached as ``base_layer``; ``down_proj`` the outer one)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose
+
+    ops = _ops()
+    target = conversion.target_patterns[0]
+    if fused == "gate_up_proj":
+        target = target.replace("gate_up_proj", "base_layer")
+    else:
+        target = target.replace(".down_proj", "")
+    converters = []
+    for factor in ("lora_A", "lora_B"):
+        steps = []
+        for op in conversion.operations:
+            if isinstance(op, MergeModulelist):
+                steps.append(op)  # per-expert factors -> (experts, ...)
+                if fused == "down_proj":
+                    if factor == "lora_A":
+                        steps.append(ops["FlattenDims"]((0, 1)))  # (experts, r, in) -> (experts*r, in)
+                    else:  # (experts, out, r) -> (out, r*experts), rank-major
+                        steps += [ops["PermuteDims"]((2, 0, 1)), ops["FlattenDims"]((0, 1)), Transpose(dim0=0, dim1=1)]
+            elif isinstance(op, Concatenate) and fused == "gate_up_proj":
+                if factor == "lora_A":  # (experts, r, in) x n -> (experts, n*r, in) -> (experts*n*r, in)
+                    steps += [op, ops["FlattenDims"]((0, 1))]
+                else:
+                    steps.append(ops["LoraBlockDiagConcatenate"](dim=op.dim))
+        if not steps:
+            continue
+        sources = [f"{pattern.rsplit('.', 1)[0]}.{factor}.*" for pattern in conversion.source_patterns]
+        new = type(conversion)(source_patterns=sources, target_patterns=[f"{target}.{factor}.{adapter_name}.weight"],
+                               operations=steps)
+        new.distributed_operation = getattr(conversion, "distributed_operation", None)
+        new.quantization_operation = getattr(conversion, "quantization_operation", None)
+        converters.append(new)
+    return converters
+
+
+def _expert_fusions(conversions) -> dict[str, list[str]]:
+    """{'gate_up_proj': ['w1', 'w3'], 'down_proj': ['w2']} from a model's conversion list (empty: none)."""
+    fusions: dict[str, list[str]] = {}
+    for conversion in conversions or ():
+        fused = _fused_expert_conversion(conversion)
+        if fused is not None:
+            fusions.setdefault(fused, [])
+            fusions[fused] += [leaf for leaf in _leaf_names(conversion) if leaf not in fusions[fused]]
+    return fusions
+
+
+def _router_is_parameter(model) -> bool:
+    """transformers v5 routers ('...mlp.gate') are modules holding a `weight` parameter, not nn.Linear."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if name.endswith(".gate") and not isinstance(module, nn.Linear) and \
+                isinstance(getattr(module, "weight", None), nn.Parameter):
+            return True
+    return False
+
+
+def convert_peft_config_for_transformers(peft_config, model, conversions: Optional[list[Any]] = None) -> None:
+    """Rewrite, in place, a LoRA config written for transformers v4's per-expert MoE layout to target v5's
+    fused expert parameters (module docstring). A no-op for other methods, non-transformers models and
+    models without expert fusions. `conversions`: the model's conversion list (looked up when None)."""
     if _type_key(getattr(peft_config, "peft_type", None)) != "LORA":
-        return False  # PEFT converts LoRA only; other methods load without the fusions
-    targets: list[str] = []
-    for attr in ("target_modules", "target_parameters"):
-        value = getattr(peft_config, attr, None)
-        if value is None:
+        return
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return
+    if conversions is None:
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+        except ImportError:  # transformers v4: nothing was fused
+            return
+        conversions = get_model_conversion_mapping(model)
+    fusions = _expert_fusions(conversions)
+    if not fusions:
+        return
+    old_to_new = {old: new for new, olds in fusions.items() for old in olds}
+    if _router_is_parameter(model):
+        old_to_new.setdefault("gate", "gate.weight")
+
+    targets = peft_config.target_modules
+    if isinstance(targets, str):
+        if targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            from ..tuners.tuners_utils import _maybe_include_all_linear_layers
+            import copy
+
+            resolved = _maybe_include_all_linear_layers(copy.copy(peft_config), model).target_modules
+            targets = {name.rsplit(".", 1)[-1] for name in resolved} | set(old_to_new)
+        else:
+            named = [f"x.{old}" for old in old_to_new] + [f"experts.0.{old}" for old in old_to_new]
+            if any(re.fullmatch(targets, key) or re.search(targets, key) for key in named):
+                raise NotImplementedError(
+                    f"peft_fast does not resolve the regex target_modules={targets!r} against the MoE experts that "
+                    f"transformers v5 fuses ({', '.join(f'{o} -> {n}' for o, n in old_to_new.items())}); list the "
+                    "module names instead")
+            return
+
+    new_params = set(peft_config.target_parameters or [])
+    remaining = set()
+    present: dict[str, set[str]] = {new: set() for new in fusions}
+    for target in targets or ():
+        old = next((o for o in old_to_new if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            remaining.add(target)
             continue
-        if isinstance(value, str):
-            if value.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
-                return True
-            if any(re.search(rf"(^|[^A-Za-z0-9_]){re.escape(n)}($|[^A-Za-z0-9_])", value) for n in names):
-                return True
-            continue
-        targets.extend(value)
-    return any(t == n or t.endswith(f".{n}") for t in targets for n in names)
+        new_params.add(old_to_new[old])
+        if old_to_new[old] in present:
+            present[old_to_new[old]].add(old)
+    for new, olds in fusions.items():
+        got = present[new]
+        if got and len(got) < len(olds):
+            raise ValueError(f"Cannot convert PEFT target(s) {', '.join(sorted(got))} without also targeting "
+                             f"{', '.join(sorted(set(olds) - got))} because they are fused into {new}.")
+        if len(olds) > 1 and len(got) == len(olds):
+            key = rf".*\.{re.escape(new)}"
+            peft_config.rank_pattern = dict(peft_config.rank_pattern or {})
+            peft_config.alpha_pattern = dict(peft_config.alpha_pattern or {})
+            peft_config.rank_pattern[key] = peft_config.r * len(olds)
+            peft_config.alpha_pattern[key] = peft_config.lora_alpha * len(olds)
+    if new_params == set(peft_config.target_parameters or []):
+        return  # nothing targeted the experts or the router
+    peft_config.target_parameters = sorted(new_params)
+    peft_config.target_modules = remaining
 
 
 def build_peft_weight_mapping(weight_conversions: Optional[list[Any]], adapter_name: str,
@@ -114,11 +300,5 @@ def build_peft_weight_mapping(weight_conversions: Optional[list[Any]], adapter_n
         fused = _fused_expert_conversion(conversion)
         if fused is None:
             continue  # PEFT passes on only renamings and the two expert fusions
-        leaves = _leaf_names(conversion)
-        if _config_targets(peft_config, leaves):
-            raise NotImplementedError(
-                f"peft_fast does not convert LoRA weights of MoE experts fused by transformers into "
-                f"`{conversion.target_patterns[0]}` (the `{fused}` conversion of {sorted(leaves)}: "
-                f"{', '.join(type(op).__name__ for op in conversion.operations)}). Load this adapter with real "
-                f"peft (peft_fast.uninstall_as_peft()), or target modules other than the experts.")
+        mapping.extend(_expert_lora_converters(conversion, fused, adapter_name))
     return mapping
