@@ -18,6 +18,9 @@ from .utils.peft_types import PeftType
 
 PEFT_TYPE_TO_CONFIG_MAPPING: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "IA3": IA3Config}
 PEFT_TYPE_TO_TUNER_MAPPING = {"LORA": LoraModel, "IA3": IA3Model}
+# PEFT's table of the types PeftMixedModel can combine; peft_fast has no PeftMixedModel (get_peft_model(mixed=True)
+# raises), so it is empty.
+PEFT_TYPE_TO_MIXED_MODEL_MAPPING: dict = {}
 
 
 def _type_key(enum_or_str) -> str:
@@ -83,8 +86,28 @@ def base_model_name_or_path(model: nn.Module) -> Optional[str]:
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
-    """Inject adapter layers into `model` in place (no PeftModel wrapper) and return it."""
-    tuner_cls = tuner_class_for(peft_config)
+    """Create peft_fast's adapter layers and inject them into `model` in place (no PeftModel wrapper);
+    returns the same, mutated model. PEFT's signature and errors; this is what diffusers' `add_adapter` /
+    `load_lora_adapter` and transformers' adapter integration call.
+
+    low_cpu_mem_usage: create the adapter weights on the meta device (then load them with
+    ``set_peft_model_state_dict(..., low_cpu_mem_usage=True)``).
+    state_dict: when given, the modules to adapt are read from its keys (its values are not used), for
+    checkpoints without ``target_modules``.
+
+    Errors: ValueError for prompt-learning / adaption-prompt configs and for a type peft_fast has no
+    tuner for (PEFT's texts, naming the type)."""
+    if getattr(peft_config, "is_prompt_learning", False) or getattr(peft_config, "is_adaption_prompt", False) \
+            or type(peft_config).__name__ == "ShadowConfig":
+        raise ValueError("`create_and_replace` does not support prompt learning, adaption prompt and shadow yet.")
+    key = _type_key(peft_config.peft_type)
+    if key not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(f"`inject_adapter_in_model` does not support {key} yet. Please use `get_peft_model`. "
+                         f"(peft_fast has tuners for: {sorted(PEFT_TYPE_TO_TUNER_MAPPING)})")
+    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[key]
+    if getattr(tuner_cls, "uses_shared_state", False):
+        raise ValueError(f"`inject_adapter_in_model` does not support {key} because it uses shared state "
+                         "stored on the tuner. Please use `get_peft_model` instead.")
     tuner = tuner_cls(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                       state_dict=state_dict)
     return tuner.model

@@ -192,25 +192,36 @@ class LoraLayer(BaseTunerLayer):
         self.frozen_peft_weight_names.pop(adapter_name, None)
 
     # ---- scaling helpers (PEFT API) -----------------------------------------------------------
+    def _base_scale(self, adapter: str) -> float:
+        r, alpha = self.r[adapter], self.lora_alpha[adapter]
+        return alpha / math.sqrt(r) if self.use_rslora.get(adapter, False) else alpha / r
+
     def set_scale(self, adapter: str, scale: float) -> None:
+        """Set `adapter`'s scaling to its initial value (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA)
+        times `scale`; an adapter this layer does not hold is ignored (PEFT; diffusers' `set_adapters`)."""
         if adapter not in self.scaling:
             return
-        r, alpha = self.r[adapter], self.lora_alpha[adapter]
-        self.scaling[adapter] = scale * (alpha / math.sqrt(r) if self.use_rslora[adapter] else alpha / r)
+        self.scaling[adapter] = scale * self._base_scale(adapter)
 
     def scale_layer(self, scale: float) -> None:
+        """Multiply the current scaling of every active adapter by `scale` (diffusers' ``lora_scale``).
+
+        As in PEFT, only adapters held in ``lora_A`` are scaled: an Embedding's adapters (held in
+        ``lora_embedding_A``) keep their scaling, so outputs match PEFT's."""
         if scale == 1:
             return
         for a in self.active_adapters:
-            if a in self.lora_A or a in self.lora_embedding_A:
+            if a in self.lora_A:
                 self.scaling[a] *= scale
 
     def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Divide the current scaling of every active adapter (in ``lora_A``, as `scale_layer`) by `scale`;
+        ``scale=None`` resets it to the initial value."""
         for a in self.active_adapters:
-            if a not in self.lora_A and a not in self.lora_embedding_A:
+            if a not in self.lora_A:
                 continue
             if scale is None:
-                self.set_scale(a, 1.0)
+                self.scaling[a] = self._base_scale(a)
             else:
                 self.scaling[a] /= scale
 
