@@ -595,3 +595,38 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(offline, tmp_path, safe
     meta = _front_matter(uploaded["README.md"].decode())
     assert meta["library_name"] == "peft" and meta["base_model"] == BASE
     assert json.loads(uploaded["adapter_config.json"])["base_model_name_or_path"] == BASE
+
+
+def test_push_to_hub_keeps_peft_s_card_where_peft_loses_it(offline):
+    """The one deliberate difference (utils/hub.py): peft's push_to_hub (transformers' PushToHubMixin)
+    replaces the card save_pretrained wrote by transformers' generic one (library_name: transformers,
+    no tags) for a new repo; peft_fast uploads PEFT's card, the one peft's save_pretrained writes."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    real_card_load = hub.ModelCard.load
+    uploaded = {}
+
+    def card_load(repo_id_or_path, **kwargs):
+        if os.path.exists(str(repo_id_or_path)):
+            return real_card_load(repo_id_or_path, **kwargs)
+        raise EntryNotFoundError("no README.md in a new repo")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded[lib_name] = _dir_files(folder_path)["README.md"].decode()
+
+    def create_commit(self, repo_id, operations, **kwargs):  # what transformers' push_to_hub uses
+        for op in operations:
+            if op.path_in_repo == "README.md":
+                with open(op.path_or_fileobj, encoding="utf-8") as f:
+                    uploaded[lib_name] = f.read()
+
+    with mock.patch.object(hub.HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id)), \
+            mock.patch.object(hub.HfApi, "upload_folder", upload_folder), \
+            mock.patch.object(hub.HfApi, "create_commit", create_commit), \
+            mock.patch.object(hub.ModelCard, "load", side_effect=card_load):
+        for lib_name, lib in LIBS.items():
+            lib.PeftModel.from_pretrained(_load_base(), FAST).push_to_hub("me/adapter")
+    assert _front_matter(uploaded["peft"]) == {"library_name": "transformers", "tags": []}
+    assert _front_matter(uploaded["peft_fast"]) == {
+        "base_model": BASE, "library_name": "peft", "pipeline_tag": "text-generation",
+        "tags": [f"base_model:adapter:{BASE}", "lora", "transformers"]}
