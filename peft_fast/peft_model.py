@@ -239,7 +239,8 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs):
-        """Load a PEFT-format adapter directory (safetensors preferred) as `adapter_name`."""
+        """Load a PEFT-format adapter (safetensors preferred) as `adapter_name` from a local directory or
+        a Hub repo id (`kwargs`: ``subfolder`` and the ``hf_hub_download`` options, as in PEFT)."""
         model_id = str(model_id)
         with rollback_on_error(self):  # a bad file or a shape mismatch leaves no half-added adapter
             if adapter_name not in self.peft_config:
@@ -266,7 +267,8 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, **kwargs) -> "PeftModel":
-        """Wrap `model` and load the adapter saved in the local directory `model_id`."""
+        """Wrap `model` and load the adapter saved in `model_id`, a local directory or a Hub repo id
+        (`kwargs`: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...)."""
         model_id = str(model_id)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, **kwargs)
