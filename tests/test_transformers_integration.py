@@ -327,6 +327,13 @@ def test_peft_module_paths_used_by_transformers_exist():
                    build_peft_weight_mapping, fsdp_auto_wrap_policy):
             assert fn.__module__.startswith("peft_fast."), fn
         assert issubclass(ModulesToSaveWrapper, AuxiliaryTrainingWrapper)
+        import peft.utils as pu
+
+        for name in pu.__all__:  # every name peft_fast.utils exports is PEFT's too, and peft_fast's own object
+            assert name in real_peft.utils.__all__ or hasattr(real_peft.utils, name), name
+        assert pu.PeftType is peft_fast.PeftType and pu.CONFIG_NAME == real_peft.utils.CONFIG_NAME
+        assert pu.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"] == \
+            real_peft.utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"]
 
 
 def test_fsdp_auto_wrap_policy_matches_peft():
