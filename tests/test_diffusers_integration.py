@@ -285,6 +285,37 @@ def test_load_and_save_lora_adapter_across_libraries(tmp_path):
         torch.testing.assert_close(run_unet(m), expected)
 
 
+def test_kohya_lora_with_network_alphas_parity():
+    """A kohya-format LoRA file (lora_down/lora_up/alpha keys) through the pipeline mixin's lora_state_dict and
+    load_lora_into_unet: diffusers converts it and builds the LoraConfig (alpha_pattern from network_alphas);
+    peft_fast must load the same weights and give real peft's output."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+
+    def scenario(peft):
+        m = unet()
+        base = run_unet(m)
+        m.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN), adapter_name="w")
+        fill_adapters(m)
+        kohya = {}
+        for key, v in peft.utils.get_peft_model_state_dict(m, adapter_name="w").items():
+            module, _, rest = key.partition(".lora_")
+            k = "lora_unet_" + module.replace(".", "_")
+            kohya[k + (".lora_down.weight" if rest.startswith("A") else ".lora_up.weight")] = v.clone()
+            kohya[k + ".alpha"] = torch.tensor(2.0 if module.endswith("to_k") else 8.0)
+        state_dict, network_alphas = Loader.lora_state_dict(kohya)
+        m2 = unet()
+        Loader.load_lora_into_unet(state_dict, network_alphas, m2, adapter_name="k")
+        layers = check_layers(m2, peft, is_fast(peft), n_min=20)
+        cfg = m2.peft_config["k"]
+        return {"base": base, "y": run_unet(m2), "lora_alpha": cfg.lora_alpha, "r": cfg.r,
+                "alpha_pattern": dict(cfg.alpha_pattern), "n": len(layers),
+                "scaling": {n: dict(x.scaling) for n, x in layers.items()}}
+
+    real, fast = both(scenario)
+    assert_same(real, fast)
+    assert differs(fast["y"], fast["base"]) and fast["lora_alpha"] == 8.0 and fast["r"] == 4
+
+
 def run_unet_with_scale(expected_full: torch.Tensor, scale: float) -> torch.Tensor:
     """The output of the same adapter at `scale` times its scaling, computed with real peft."""
     with alias(False) as p:
@@ -568,6 +599,12 @@ SUBPROCESS = textwrap.dedent("""
     import sys, importlib.metadata
     import tests.no_peft
     tests.no_peft.hide_real_peft()
+    try:
+        import peft
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise AssertionError("real peft is importable")
     import torch
     import peft_fast
     peft_fast.install_as_peft()
@@ -583,7 +620,23 @@ SUBPROCESS = textwrap.dedent("""
     layers = check_layers(m, peft, True, n_min=30)
     fill_adapters(m)
     m.set_adapters(["a", "b"], weights=[0.7, 1.3])
-    torch.save({"y": run_unet(m), "n": len(layers)}, sys.argv[1])
+    y = run_unet(m)
+    # save_lora_adapter -> load_lora_adapter, hotswap, layerwise casting: all without real peft
+    m.save_lora_adapter(sys.argv[2], adapter_name="a")
+    m2 = unet()
+    m2.enable_lora_hotswap(target_rank=4)
+    m2.load_lora_adapter(sys.argv[2], weight_name="pytorch_lora_weights.safetensors", adapter_name="x", prefix=None)
+    check_layers(m2, peft, True, n_min=30)
+    y_a = run_unet(m2)
+    m.set_adapters("a")
+    assert torch.equal(y_a, run_unet(m))
+    m2.load_lora_adapter(sys.argv[2], weight_name="pytorch_lora_weights.safetensors", adapter_name="x", prefix=None,
+                         hotswap=True)
+    assert torch.equal(run_unet(m2), y_a)
+    m2.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    y_cast = run_unet(m2)
+    assert (y_cast - y_a).abs().max() < 0.1 * y_a.abs().max()
+    torch.save({"y": y, "n": len(layers)}, sys.argv[1])
 """)
 
 
@@ -599,7 +652,8 @@ def test_without_real_peft_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
     env.pop("PEFT_FAST_AS_PEFT", None)
     out = tmp_path / "out.pt"
-    r = subprocess.run([sys.executable, "-c", SUBPROCESS, str(out)], capture_output=True, text=True, timeout=240,
+    r = subprocess.run([sys.executable, "-c", SUBPROCESS, str(out), str(tmp_path / "a")], capture_output=True,
+                       text=True, timeout=240,
                        cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     got = torch.load(out)
