@@ -630,3 +630,23 @@ def test_push_to_hub_keeps_peft_s_card_where_peft_loses_it(offline):
     assert _front_matter(uploaded["peft_fast"]) == {
         "base_model": BASE, "library_name": "peft", "pipeline_tag": "text-generation",
         "tags": [f"base_model:adapter:{BASE}", "lora", "transformers"]}
+
+
+def test_transformers_hub_paths_under_the_peft_alias(offline):
+    """With ``peft_fast.as_peft()``, transformers' own Hub paths (``model.load_adapter(repo id)`` with
+    its `adapter_kwargs`, ``AutoModelForCausalLM.from_pretrained(adapter repo id)``) build peft_fast's
+    layers from the cache, with the right revision / subfolder."""
+    from peft_fast.tuners.lora.layer import LoraLayer
+
+    with peft_fast.as_peft():
+        model = _load_base()
+        model.load_adapter(REF, adapter_kwargs={"revision": "v2"})
+        assert isinstance(model.model.layers[0].self_attn.q_proj, LoraLayer)
+        torch.testing.assert_close(_logits(model, offline.x), offline.expected[REF, "branch"])
+        model.load_adapter(FAST, adapter_name="sub", adapter_kwargs={"subfolder": "sub"})  # made active, as with peft
+        torch.testing.assert_close(_logits(model, offline.x), offline.expected[FAST, "main-sub"])
+        model.set_adapter("default")
+        torch.testing.assert_close(_logits(model, offline.x), offline.expected[REF, "branch"])
+        auto = transformers.AutoModelForCausalLM.from_pretrained(FAST).eval()
+        assert isinstance(auto.model.layers[0].self_attn.v_proj, LoraLayer)
+        torch.testing.assert_close(_logits(auto, offline.x), offline.expected[FAST, "main"])
