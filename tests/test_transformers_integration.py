@@ -201,6 +201,37 @@ def test_add_set_enable_delete_matches_peft(arch):
     torch.testing.assert_close(fast["ia3_disabled"], fast["base"])
 
 
+def scenario_modules_to_save(on):
+    out = {}
+    with alias(on) as peft:
+        m = llama()
+        m.add_adapter(peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        fill_adapters(m, markers=("lora_", "modules_to_save"))
+        out["grad1"] = sorted(n for n, q in m.named_parameters() if q.requires_grad)
+        out["one"] = logits(m)
+        m.add_adapter(peft.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]), adapter_name="b")
+        fill_adapters(m, markers=("lora_", "modules_to_save"), salt="b")
+        out["grad2"] = sorted(n for n, q in m.named_parameters() if q.requires_grad)
+        out["two"] = logits(m)
+        m.set_adapter("default")
+        out["grad3"] = sorted(n for n, q in m.named_parameters() if q.requires_grad)
+        out["back"] = logits(m)
+        out["sd_b"] = sorted(m.get_adapter_state_dict("b"))
+        m.delete_adapter("b")
+        out["deleted"] = logits(m)
+        out["grad4"] = sorted(n for n, q in m.named_parameters() if q.requires_grad)
+    return out
+
+
+def test_modules_to_save_two_adapters_matches_peft():
+    real = scenario_modules_to_save(False)
+    fast = scenario_modules_to_save(True)
+    compare(fast, real)
+    assert "lm_head.modules_to_save.b.weight" in fast["grad2"] and "lm_head.weight" in fast["sd_b"]
+    assert not torch.allclose(fast["two"], fast["back"], atol=1e-3)
+    torch.testing.assert_close(fast["deleted"], fast["back"])
+
+
 @pytest.fixture(scope="module")
 def saved_adapters(tmp_path_factory):
     """Adapters saved by real peft and by peft_fast (LoRA on llama), their logits, and a base model dir."""

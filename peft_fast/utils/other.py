@@ -173,14 +173,15 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         names = [n for n in names if n in self._adapters]
         if len(names) > 1:
             raise ValueError(f"Attempted to set multiple ({names}) adapters at once for modules_to_save.")
+        # as PEFT: the copies that were in use are frozen, the new one follows inference_mode, and the
+        # others keep their requires_grad
+        for name in self.active_adapters:
+            if name in self.modules_to_save:
+                set_requires_grad(self.modules_to_save[name], False)
         if not names:
-            for name in self.active_adapters:  # as PEFT: the copies that were in use are frozen
-                if name in self.modules_to_save:
-                    set_requires_grad(self.modules_to_save[name], False)
             self._active_adapter = []
             return
-        for name, module in self.modules_to_save.items():
-            set_requires_grad(module, name == names[0] and not inference_mode)
+        set_requires_grad(self.modules_to_save[names[0]], not inference_mode)
         self._active_adapter = names[0]
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
