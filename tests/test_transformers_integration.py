@@ -266,6 +266,16 @@ def scenario_load(paths, on):
         model.set_adapter("fast")
         out["fast"] = logits(model)
         out["fast_grad"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        # a state dict and a config instead of a directory
+        from safetensors.torch import load_file
+
+        import peft
+
+        m3 = llama()
+        m3.load_adapter(peft_config=peft.LoraConfig.from_pretrained(str(paths["real"])), adapter_name="sd",
+                        adapter_state_dict=load_file(str(paths["real"] / "adapter_model.safetensors")))
+        assert_peft_fast_layers(m3, peft_fast.tuners.lora.layer.LoraLayer, on)
+        out["from_state_dict"] = logits(m3)
         # from_pretrained of an adapter dir whose config names a local base model dir
         m2 = transformers.AutoModelForCausalLM.from_pretrained(str(paths["with_base"]))
         assert_peft_fast_layers(m2, peft_fast.tuners.lora.layer.LoraLayer, on)
@@ -290,6 +300,7 @@ def test_load_adapter_from_pretrained_save_match_peft(saved_adapters):
     compare(fast, real)
     # what the adapters were saved with: real peft's and peft_fast's own PeftModel logits
     torch.testing.assert_close(fast["real"], saved_adapters["real_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast["from_state_dict"], saved_adapters["real_logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast["fast"], saved_adapters["fast_logits"], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(fast["real"], fast["fast"], atol=1e-3)
     assert fast["real_grad"] == []  # is_trainable=False: frozen
