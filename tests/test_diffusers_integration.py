@@ -219,6 +219,60 @@ def test_unet_add_adapter_set_adapters_weights_parity():
     torch.testing.assert_close(fast["unloaded"], fast["base"])
 
 
+def test_pipeline_lora_mixin_methods_parity():
+    """The pipeline-level LoRA methods (LoraBaseMixin: get_list_adapters, get_active_adapters, set_adapters with
+    adapter_weights, set_lora_device, fuse_lora/unfuse_lora with components, disable/enable_lora,
+    delete_adapters, unload_lora_weights) on a pipeline holding only a UNet, with a DoRA adapter beside LoRA."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    class Pipe(StableDiffusionLoraLoaderMixin):
+        _lora_loadable_modules = ["unet"]
+
+        def __init__(self, unet_):
+            self.unet, self.text_encoder = unet_, None
+
+        @property
+        def components(self):
+            return {"unet": self.unet}
+
+    def scenario(peft):
+        out = {}
+        m = unet()
+        pipe = Pipe(m)
+        out["base"] = run_unet(m)
+        m.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN), adapter_name="a")
+        m.add_adapter(peft.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "conv1"], use_dora=True),
+                      adapter_name="d")
+        check_layers(m, peft, is_fast(peft), n_min=30)
+        fill_adapters(m)
+        out["list"], out["active"] = pipe.get_list_adapters(), pipe.get_active_adapters()
+        pipe.set_adapters(["a", "d"], adapter_weights=[0.5, 1.5])
+        out["weighted"] = run_unet(m)
+        pipe.set_lora_device(["a", "d"], "cpu")
+        out["moved"] = run_unet(m)
+        pipe.fuse_lora(components=["unet"], lora_scale=0.7)
+        out["fused"], out["merged"] = run_unet(m), sorted(pipe._merged_adapters)
+        pipe.unfuse_lora(components=["unet"])
+        out["unfused"], out["merged_after"] = run_unet(m), sorted(pipe._merged_adapters)
+        pipe.disable_lora()
+        out["disabled"] = run_unet(m)
+        pipe.enable_lora()
+        out["enabled"] = run_unet(m)
+        pipe.delete_adapters("a")
+        out["list_after"], out["only_d"] = pipe.get_list_adapters(), run_unet(m)
+        pipe.unload_lora_weights()
+        out["unloaded"] = run_unet(m)
+        return out
+
+    real, fast = both(scenario)
+    assert_same(real, fast)
+    assert fast["list"] == {"unet": ["a", "d"]} and fast["merged"] == ["a", "d"] and fast["merged_after"] == []
+    torch.testing.assert_close(fast["moved"], fast["weighted"])
+    torch.testing.assert_close(fast["disabled"], fast["base"])
+    torch.testing.assert_close(fast["unloaded"], fast["base"])
+    assert differs(fast["fused"], fast["weighted"]) and differs(fast["only_d"], fast["enabled"])
+
+
 def test_flux_transformer_parity_with_joint_attention_scale():
     def scenario(peft):
         m = flux()
@@ -377,10 +431,12 @@ def test_load_lora_adapter_patterns_dora_bias_parity():
 # hotswap
 # --------------------------------------------------------------------------------------------------------------
 def test_enable_lora_hotswap_and_hotswap_load_parity(tmp_path):
-    with alias(False) as p:  # two adapters of different ranks, saved by real peft
-        for name, r, alpha, seed_name in (("one", 4, 8, "h1"), ("two", 6, 3, "h2")):
+    with alias(False) as p:  # two adapters of different ranks (and two that cannot be hotswapped), by real peft
+        for name, r, alpha, seed_name, kw in (("one", 4, 8, "h1", {}), ("two", 6, 3, "h2", {}),
+                                              ("dora", 4, 8, "h3", {"use_dora": True}),
+                                              ("more", 4, 8, "h4", {"target_modules": ["to_q", "to_k", "to_v"]})):
             m = unet()
-            m.add_adapter(p.LoraConfig(r=r, lora_alpha=alpha, target_modules=["to_q", "to_k", "conv1"]),
+            m.add_adapter(p.LoraConfig(r=r, lora_alpha=alpha, **{"target_modules": ["to_q", "to_k", "conv1"], **kw}),
                           adapter_name=seed_name)
             fill_adapters(m)
             m.save_lora_adapter(str(tmp_path / name), adapter_name=seed_name)
@@ -399,6 +455,15 @@ def test_enable_lora_hotswap_and_hotswap_load_parity(tmp_path):
         m.load_lora_adapter(str(tmp_path / "two"), weight_name=SAFE_NAME, adapter_name="x", prefix=None, hotswap=True)
         out["two_hotswapped"] = run_unet(m)
         out["same_layers"] = all(a is b for a, b in zip(layers.values(), tuner_layers(m, peft).values()))
+        for bad in ("dora", "more"):  # PEFT's errors; diffusers then deletes the adapter of the failed swap
+            m = unet()
+            m.load_lora_adapter(str(tmp_path / "one"), weight_name=SAFE_NAME, adapter_name="x", prefix=None)
+            with pytest.raises((ValueError, RuntimeError)) as err:
+                m.load_lora_adapter(str(tmp_path / bad), weight_name=SAFE_NAME, adapter_name="x", prefix=None,
+                                    hotswap=True)
+            out[f"error_{bad}"] = (err.type.__name__, str(err.value))
+            out[f"configs_after_{bad}"] = sorted(getattr(m, "peft_config", {}))
+            out[f"left_after_{bad}"] = sum(len(x.lora_A) for x in tuner_layers(m, peft).values())
         return out
 
     real, fast = both(scenario)
@@ -406,6 +471,8 @@ def test_enable_lora_hotswap_and_hotswap_load_parity(tmp_path):
     assert fast["ranks_padded"] == [8] and fast["same_layers"]
     torch.testing.assert_close(fast["two_hotswapped"], fast["two_fresh"], atol=1e-5, rtol=1e-5)
     assert differs(fast["one"], fast["two_hotswapped"])
+    assert fast["error_dora"] == ("ValueError", "Configs are incompatible: for use_dora, False != True")
+    assert fast["error_more"][0] == "RuntimeError" and "unexpected keys found" in fast["error_more"][1]
 
 
 # --------------------------------------------------------------------------------------------------------------
