@@ -513,6 +513,46 @@ def test_hub_errors_name_what_is_missing(offline, case):
         assert "offline" in message.lower() or "HF_HUB_OFFLINE" in message, (entry, message)
 
 
+def test_online_hub_errors_name_what_is_missing(offline, monkeypatch):
+    """Online, the Hub's answers (no such repo / revision / file; hf_hub_download mocked to give
+    them, nothing reaches the network) become errors of peft's types naming the repo, revision, file."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    bases = {name: _load_base() for name in LIBS}  # loaded while still offline
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    response = SimpleNamespace(headers={}, status_code=404, request=None)
+    real = hub.file_download.hf_hub_download
+
+    def fake(repo_id, filename, *args, revision=None, subfolder=None, **kw):
+        if repo_id == "org/gone":
+            raise RepositoryNotFoundError(f"404 {repo_id}", response=response)
+        if revision == "v9":
+            raise RevisionNotFoundError(f"404 {revision}", response=response)
+        if filename.endswith("adapter_config.json"):
+            return real(repo_id, filename, subfolder=subfolder, local_files_only=True, **kw)
+        raise RemoteEntryNotFoundError(f"404 {filename}", response=response)
+
+    for target in ("huggingface_hub.hf_hub_download", "peft.config.hf_hub_download",
+                   "peft.utils.save_and_load.hf_hub_download"):
+        monkeypatch.setattr(target, mock.create_autospec(real, side_effect=fake))
+    monkeypatch.setattr("peft.utils.save_and_load.file_exists", lambda *a, **k: False)
+    cases = [("org/gone", {}, ["has no repo 'org/gone'"]),
+             (FAST, {"revision": "v9"}, [FAST, "has no revision 'v9'"]),
+             (CONFIG_ONLY, {}, [f"repo '{CONFIG_ONLY}' at revision 'main' has no 'adapter_model.safetensors' or "
+                                "'adapter_model.bin'"])]
+    for repo, kw, needles in cases:
+        errors = {}
+        for name, lib in LIBS.items():
+            with pytest.raises(Exception) as err:
+                lib.PeftModel.from_pretrained(bases[name], repo, **kw)
+            errors[name] = err.value
+        assert isinstance(errors["peft_fast"], type(errors["peft"])), (errors["peft_fast"], errors["peft"])
+        assert str(errors["peft_fast"]).startswith(str(errors["peft"])), (errors["peft_fast"], errors["peft"])
+        for needle in needles:
+            assert needle.lower() in str(errors["peft_fast"]).lower(), (needle, errors["peft_fast"])
+
+
 def test_missing_weights_message_names_the_cached_snapshot(offline):
     with pytest.raises(LocalEntryNotFoundError) as err:
         peft_fast.PeftModel.from_pretrained(_load_base(), CONFIG_ONLY)

@@ -201,7 +201,7 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **kwargs) -> 
             missing = exc
     detail = hub_error_detail(model_id, names, subfolder, missing, kwargs)
     message = (f"Can't find weights for {model_id} in {model_id} or in the Hugging Face Hub. Please check that the file "
-               f"{WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}: {detail}")
+               f"{WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}. {detail[:1].upper()}{detail[1:]}.")
     raise (LocalEntryNotFoundError if isinstance(missing, LocalEntryNotFoundError) else ValueError)(message) from missing
 
 
