@@ -156,7 +156,7 @@ class PeftConfig:
 
             try:
                 config_file = download_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - PEFT's text and type, what is missing named, the Hub's error chained
+            except Exception as exc:  # noqa: BLE001 - PEFT's text and type, what is missing named, Hub error chained
                 detail = hub_error_detail(str(pretrained_model_name_or_path), [CONFIG_NAME], subfolder, exc, kwargs)
                 raise ValueError(f"Can't find '{CONFIG_NAME}' at '{pretrained_model_name_or_path}': {detail}") from exc
         loaded = cls.from_json_file(config_file)

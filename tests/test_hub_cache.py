@@ -416,8 +416,10 @@ def test_download_options_reach_hf_hub_download(offline):
                         "peft.utils.save_and_load.hf_hub_download"]
         with ExitStack() as stack:
             for target in targets:
-                stack.enter_context(mock.patch(target, autospec=True, side_effect=spy))  # keeps the signature peft reads
-            model = lib.PeftModel.from_pretrained(_load_base(), REF, revision="v2", token="hf_tok", cache_dir=offline.dir)
+                # autospec keeps the signature, which peft reads to sort its kwargs
+                stack.enter_context(mock.patch(target, autospec=True, side_effect=spy))
+            model = lib.PeftModel.from_pretrained(_load_base(), REF, revision="v2", token="hf_tok",
+                                                  cache_dir=offline.dir)
             if name == "peft":  # peft hands use_auth_token to hf_hub_download, which (huggingface_hub >= 1) refuses it
                 with pytest.raises(ValueError, match="Can't find 'adapter_config.json'") as err:
                     model.load_adapter(FAST, adapter_name="b", revision=_commit("bare"), use_auth_token="hf_old")

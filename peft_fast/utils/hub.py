@@ -124,7 +124,8 @@ def _cache_miss(model_id: str, files: str, revision: Optional[str], hub_kwargs: 
         cause = exc.__cause__ or exc.__context__
         why = f"the Hub could not be reached ({cause or exc})"
     cache_dir = str(hub_kwargs.get("cache_dir") or constants.HF_HUB_CACHE)
-    storage = os.path.join(cache_dir, repo_folder_name(repo_id=model_id, repo_type=hub_kwargs.get("repo_type") or "model"))
+    repo_type = hub_kwargs.get("repo_type") or "model"
+    storage = os.path.join(cache_dir, repo_folder_name(repo_id=model_id, repo_type=repo_type))
     if not os.path.isdir(storage):
         return f"repo {model_id!r} is not in the Hugging Face cache ({cache_dir}) and {why}"
     rev = revision or "main"

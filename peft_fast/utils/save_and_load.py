@@ -201,8 +201,10 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **kwargs) -> 
             missing = exc
     detail = hub_error_detail(model_id, names, subfolder, missing, kwargs)
     message = (f"Can't find weights for {model_id} in {model_id} or in the Hugging Face Hub. Please check that the file "
-               f"{WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}. {detail[:1].upper()}{detail[1:]}.")
-    raise (LocalEntryNotFoundError if isinstance(missing, LocalEntryNotFoundError) else ValueError)(message) from missing
+               f"{WEIGHTS_NAME} or {SAFETENSORS_WEIGHTS_NAME} is present at {model_id}. "
+               f"{detail[:1].upper()}{detail[1:]}.")
+    error_type = LocalEntryNotFoundError if isinstance(missing, LocalEntryNotFoundError) else ValueError
+    raise error_type(message) from missing
 
 
 # ---- the base model's own weights, under its original keys ----------------------------------------
