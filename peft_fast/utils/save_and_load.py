@@ -127,7 +127,13 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: 
     Raises ValueError naming the key when a tensor's shape does not fit the model (unless
     ignore_mismatched_sizes, which skips it with a warning). Returns load_state_dict's result.
     """
-    _tuner_config(model, adapter_name)
+    config = _tuner_config(model, adapter_name)
+    if hasattr(getattr(model, "config", None), "model_type"):
+        # transformers v5 fused the MoE experts of some models: fuse a v4-layout checkpoint's factors too (PEFT)
+        from .transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+
+        peft_model_state_dict = convert_peft_adapter_state_dict_for_transformers(
+            model, config, peft_model_state_dict, adapter_name=adapter_name)
     model_sd = model.state_dict()
     has_prefix = any(k.startswith(_PEFT_PREFIX) for k in model_sd)
     ckpt = {}
