@@ -25,6 +25,9 @@ naming w1/w2/w3, gate_proj/up_proj/down_proj of the experts, the router ``gate``
 of the fused parameters, doubling rank and alpha of ``gate_up_proj`` (two fused projections, same scale);
 every tuner calls it when injecting into a transformers model, as PEFT does.
 
+`convert_peft_adapter_state_dict_for_transformers` does the same fusion of the factors on a checkpoint
+state dict, for loaders that do not go through transformers (`PeftModel.from_pretrained`, `load_adapter`).
+
 Errors: ValueError when a config targets only one of two fused projections; NotImplementedError for a
 regex ``target_modules`` that names fused experts (give the names as a list).
 """
@@ -35,7 +38,8 @@ from typing import Any, Optional
 
 from .constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, PEFT_TYPE_TO_PREFIX_MAPPING
 
-__all__ = ["build_peft_weight_mapping", "convert_peft_config_for_transformers"]
+__all__ = ["build_peft_weight_mapping", "convert_peft_adapter_state_dict_for_transformers",
+           "convert_peft_config_for_transformers"]
 
 
 def _type_key(peft_type) -> Optional[str]:
@@ -302,3 +306,94 @@ def build_peft_weight_mapping(weight_conversions: Optional[list[Any]], adapter_n
             continue  # PEFT passes on only renamings and the two expert fusions
         mapping.extend(_expert_lora_converters(conversion, fused, adapter_name))
     return mapping
+
+
+def _fuse_factor(per_leaf: list, factor: str):
+    """Per-expert LoRA factors of the fused projections -> the ParamWrapper's factor.
+
+    `per_leaf`: for each fused projection (source order), its experts' factors in expert order. lora_A
+    (r, in) each -> (experts * n*r, in), expert-major; lora_B (out, r) each -> per expert block-diagonal
+    (n*out, n*r), laid out (n*out, n*r * experts) rank-major. n=1 (down_proj) is the same formula."""
+    import torch
+
+    stacked = [torch.stack(tensors) for tensors in per_leaf]  # (experts, r, in) / (experts, out, r)
+    if factor == "lora_A":
+        return torch.cat(stacked, dim=1).flatten(0, 1)
+    experts = stacked[0].shape[0]
+    per_expert = torch.stack([torch.block_diag(*(t[e] for t in stacked)) for e in range(experts)])
+    return per_expert.permute(2, 0, 1).flatten(0, 1).T.contiguous()
+
+
+def convert_peft_adapter_state_dict_for_transformers(model, peft_config, adapter_state_dict: dict,
+                                                     adapter_name: str = "default") -> dict:
+    """A LoRA checkpoint state dict (PEFT's serialized keys) of transformers v4's per-expert MoE layout, with
+    the experts' factors fused for v5's ``gate_up_proj``/``down_proj`` (module docstring) and the model's own
+    key renamings (``block_sparse_moe`` -> ``mlp``) applied to the LoRA keys. Unchanged for other methods,
+    non-transformers models, models without expert fusions and checkpoints already in the v5 layout."""
+    if _type_key(getattr(peft_config, "peft_type", None)) != "LORA":
+        return adapter_state_dict
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return adapter_state_dict
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return adapter_state_dict
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    conversions = get_model_conversion_mapping(base)
+    fusions = [(c, _fused_expert_conversion(c)) for c in conversions or ()]
+    fusions = [(c, f) for c, f in fusions if f is not None]
+    if not fusions:
+        return adapter_state_dict
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    prefix = "base_model.model."
+
+    def rename(key: str) -> str:
+        for r in renamings:
+            key, _ = r.rename_source_key(key)
+        return key
+
+    # '<module>.experts.<e>.<leaf>.<lora_A|lora_B>.weight', one pattern per fusion
+    matchers = []
+    for conversion, fused in fusions:
+        leaves = _leaf_names(conversion)
+        container = conversion.source_patterns[0].rsplit(".", 1)[0]  # '.experts.*.w1'
+        container = container[: container.index("*")].rstrip(".")  # '.experts'
+        pattern = re.compile(rf"^(?P<mod>.*?){re.escape(container.lstrip('.'))}\.(?P<e>\d+)\.(?P<leaf>"
+                             rf"{'|'.join(map(re.escape, leaves))})\.(?P<factor>lora_A|lora_B)\.weight$")
+        target_leaf = conversion.target_patterns[0].rsplit(".", 1)[0].split(".")[-1]  # 'experts'
+        matchers.append((pattern, leaves, fused, target_leaf))
+
+    out, groups = {}, {}
+    for key, value in adapter_state_dict.items():
+        if ".lora_" not in key:
+            out[key] = value
+            continue
+        had_prefix = key.startswith(prefix)
+        bare = key[len(prefix):] if had_prefix else key
+        for pattern, leaves, fused, target_leaf in matchers:
+            m = pattern.match(bare)
+            if m is None:
+                continue
+            wrapper = rename(f"{m['mod']}{target_leaf}")
+            if fused == "gate_up_proj":
+                wrapper += ".base_layer"  # the inner ParamWrapper (PEFT's layout)
+            group = groups.setdefault((had_prefix, wrapper, m["factor"]), {"leaves": leaves, "t": {}})
+            group["t"].setdefault(m["leaf"], {})[int(m["e"])] = value
+            break
+        else:
+            out[(prefix if had_prefix else "") + rename(bare)] = value
+    for (had_prefix, wrapper, factor), group in groups.items():
+        missing = [leaf for leaf in group["leaves"] if leaf not in group["t"]]
+        if missing:
+            raise ValueError(f"Cannot fuse the LoRA weights of {wrapper}: the checkpoint has no {factor} for "
+                             f"{', '.join(missing)} (fused with {', '.join(group['t'])}).")
+        experts = sorted(group["t"][group["leaves"][0]])
+        per_leaf = []
+        for leaf in group["leaves"]:
+            if sorted(group["t"][leaf]) != experts or experts != list(range(len(experts))):
+                raise ValueError(f"Cannot fuse the LoRA weights of {wrapper}: experts {sorted(group['t'][leaf])} "
+                                 f"of {leaf} are not 0..{len(experts) - 1}.")
+            per_leaf.append([group["t"][leaf][e] for e in experts])
+        out[f"{prefix if had_prefix else ''}{wrapper}.{factor}.weight"] = _fuse_factor(per_leaf, factor)
+    return out
