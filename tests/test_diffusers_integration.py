@@ -659,6 +659,33 @@ def test_scale_layer_follows_peft_set_scale_unscale():
     assert fast[5] == fast[4]  # Embedding: scale_layer leaves it (PEFT)
 
 
+def test_update_layer_with_peft_signature():
+    """LoraLayer.update_layer(adapter_name, r, lora_alpha, config): the options come from the LoraConfig, as in
+    PEFT 0.21.2 (same weights from the same seed, scaling, dropout, lora_bias; Embedding refuses lora_bias)."""
+
+    def scenario(peft):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Embedding(10, 6), torch.nn.Conv2d(3, 4, 1))
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["0", "1", "2"]), m, "a")
+        torch.manual_seed(1)
+        cfg = peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.1, use_rslora=True, lora_bias=True)
+        m[0].update_layer("b", 3, 6, cfg)
+        m[2].update_layer("b", 3, 6, cfg)
+        with pytest.raises(ValueError) as err:
+            m[1].update_layer("b", 3, 6, cfg)
+        cfg.lora_bias = False
+        m[1].update_layer("b", 3, 6, cfg)
+        return {"error": str(err.value), "scaling": [dict(x.scaling) for x in m],
+                "dropout": [type(x.lora_dropout["b"]).__name__ for x in m], "bias": m[0].lora_B["b"].bias is not None,
+                "weights": {n: p.detach().clone() for n, p in m.named_parameters() if ".b." in n or n.endswith(".b")}}
+
+    real, fast = both(scenario)
+    assert_same(real, fast)
+    assert fast["error"] == "lora_bias=True is not supported for Embedding." and fast["bias"]
+    assert fast["scaling"][0]["b"] == pytest.approx(6 / 3 ** 0.5) and fast["dropout"] == ["Dropout"] * 3
+    assert len(fast["weights"]) == 8  # Linear and Conv: A, B, B.bias; Embedding: A, B
+
+
 # --------------------------------------------------------------------------------------------------------------
 # without real peft
 # --------------------------------------------------------------------------------------------------------------

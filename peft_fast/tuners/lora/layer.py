@@ -100,9 +100,28 @@ class LoraLayer(BaseTunerLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False, inference_mode: bool = False, config=None, **kwargs) -> None:
+    _UPDATE_OPTIONS = (("lora_dropout", 0.0), ("init_lora_weights", True), ("use_rslora", False),
+                       ("use_dora", False), ("lora_bias", False), ("inference_mode", False))
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs) -> None:
+        """Add (or re-create) adapter `adapter_name` of rank `r` on this layer.
+
+        PEFT's signature: ``update_layer(adapter_name, r, lora_alpha, config)`` reads lora_dropout,
+        init_lora_weights, use_rslora, use_dora, lora_bias and inference_mode from the LoraConfig `config`
+        (r and lora_alpha come separately, rank/alpha patterns resolved). peft_fast's own callers pass those
+        options as keywords instead (then the missing ones take their defaults, not the config's: LoraModel
+        leaves lora_bias out for an Embedding); `config` is still read for the LoRA variants."""
+        if config is not None and not any(name in kwargs for name, _ in self._UPDATE_OPTIONS):
+            options = {name: getattr(config, name, default) for name, default in self._UPDATE_OPTIONS}
+            if options["lora_bias"] and isinstance(self, Embedding):  # PEFT's check and text
+                raise ValueError(f"lora_bias={options['lora_bias']} is not supported for {self.__class__.__name__}.")
+        else:
+            options = {name: kwargs.pop(name, default) for name, default in self._UPDATE_OPTIONS}
+        self._update_layer(adapter_name, r, lora_alpha, config=config, **options, **kwargs)
+
+    def _update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
+                      lora_bias: bool = False, inference_mode: bool = False, config=None, **kwargs) -> None:
         variant = resolve_lora_variant(self._lora_variants(), config)  # refuses before anything changes
         self._common_update(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
         if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
