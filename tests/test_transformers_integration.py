@@ -491,12 +491,13 @@ def mixtral():
     return transformers.MixtralForCausalLM(cfg).eval()
 
 
-def test_load_v4_layout_moe_adapter_fuses_experts(tmp_path):
-    """An adapter trained on transformers v4's per-expert Mixtral layout (w1/w2/w3 of each expert) loads into v5's
-    fused gate_up_proj/down_proj through peft_fast's ParamWrapper: logits equal an independent reference (the
-    deltas B_e @ A_e added to the fused base weights) and real peft's."""
+@pytest.fixture(scope="module")
+def v4_moe(tmp_path_factory):
+    """An adapter in transformers v4's per-expert Mixtral layout (w1/w2/w3 of each expert + q_proj), and the
+    logits of an independent reference: the deltas B_e @ A_e * scale added to v5's fused base weights."""
     from safetensors.torch import save_file
 
+    path = tmp_path_factory.mktemp("v4moe")
     g = torch.Generator().manual_seed(0)
     sd = {}
     for layer in range(2):
@@ -508,9 +509,9 @@ def test_load_v4_layout_moe_adapter_fuses_experts(tmp_path):
         pre = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
         sd[pre + ".lora_A.weight"] = torch.randn(R, H, generator=g) * 0.3
         sd[pre + ".lora_B.weight"] = torch.randn(H, R, generator=g) * 0.3
-    save_file(sd, str(tmp_path / "adapter_model.safetensors"))
+    save_file(sd, str(path / "adapter_model.safetensors"))
     cfg = real_peft.LoraConfig(r=R, lora_alpha=4, target_modules=["q_proj", "w1", "w2", "w3"]).to_dict()
-    with open(tmp_path / "adapter_config.json", "w") as f:
+    with open(path / "adapter_config.json", "w") as f:
         json.dump({k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}, f, default=str)
 
     ref = mixtral()
@@ -530,12 +531,17 @@ def test_load_v4_layout_moe_adapter_fuses_experts(tmp_path):
             blk.self_attn.q_proj.weight += sd[q + ".lora_B.weight"] @ sd[q + ".lora_A.weight"] * scale
     expected = logits(ref)
     assert not torch.allclose(expected, logits(mixtral()), atol=1e-2)
+    return {"path": path, "sd": sd, "expected": expected}
 
+
+def test_load_v4_layout_moe_adapter_fuses_experts(v4_moe):
+    """transformers' load_adapter of the v4-layout adapter into v5's fused gate_up_proj/down_proj through
+    peft_fast's ParamWrapper: logits equal the independent reference and real peft's."""
     got = {}
     for on in (False, True):
         with alias(on):
             model = mixtral()
-            model.load_adapter(str(tmp_path))
+            model.load_adapter(str(v4_moe["path"]))
             got[on] = logits(model)
             cfg = model.peft_config["default"]
             assert sorted(cfg.target_parameters) == ["down_proj", "gate_up_proj"]
@@ -545,8 +551,32 @@ def test_load_v4_layout_moe_adapter_fuses_experts(tmp_path):
 
                 assert isinstance(model.model.layers[0].mlp.experts, ParamWrapper)
                 assert_peft_fast_layers(model, peft_fast.tuners.lora.layer.LoraLayer, True)
-    torch.testing.assert_close(got[True], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[True], v4_moe["expected"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[True], got[False], atol=1e-5, rtol=1e-5)
+
+
+def test_peft_model_from_pretrained_v4_layout_moe_adapter(v4_moe):
+    """peft_fast's own PeftModel.from_pretrained converts the v4-layout checkpoint too (as PEFT), and the state
+    dict conversion equals PEFT's key for key, value for value."""
+    from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers as ref
+
+    from peft_fast.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+
+    model = peft_fast.PeftModel.from_pretrained(mixtral(), str(v4_moe["path"]))
+    torch.testing.assert_close(logits(model), v4_moe["expected"], atol=1e-5, rtol=1e-5)
+    mine = convert_peft_adapter_state_dict_for_transformers(model, model.peft_config["default"], v4_moe["sd"])
+    real_model = real_peft.PeftModel.from_pretrained(mixtral(), str(v4_moe["path"]))
+    theirs = ref(real_model, real_model.peft_config["default"], v4_moe["sd"])
+    assert sorted(mine) == sorted(theirs) and len(mine) == 12
+    for k in theirs:
+        assert torch.equal(mine[k], theirs[k]), k
+    # a non-MoE model and a non-LoRA config are left alone
+    plain = peft_fast.get_peft_model(llama(), peft_fast.LoraConfig(target_modules=["q_proj"]))
+    assert convert_peft_adapter_state_dict_for_transformers(plain, plain.peft_config["default"], v4_moe["sd"]) \
+        is v4_moe["sd"]
+    broken = {k: v for k, v in v4_moe["sd"].items() if ".w3." not in k}
+    with pytest.raises(ValueError, match="no lora_A for w3"):
+        convert_peft_adapter_state_dict_for_transformers(model, model.peft_config["default"], broken)
 
 
 def test_convert_peft_config_for_transformers_moe_rules():
