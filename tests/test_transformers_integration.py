@@ -351,12 +351,12 @@ def test_bf16_add_adapter_forward_backward_matches_peft(mode):
 # --------------------------------------------------------------------------------------------------------------
 def test_peft_module_paths_used_by_transformers_exist():
     with alias(True):
-        from peft import PeftConfig, PeftType, get_peft_model_state_dict, inject_adapter_in_model  # noqa: F401
+        from peft import PeftConfig, PeftType, get_peft_model_state_dict, inject_adapter_in_model
         from peft.functional import (cast_adapter_dtype, delete_adapter, get_peft_model_state_dict as g2,
                                      inject_adapter_in_model as i2, set_adapter, set_peft_model_state_dict,
                                      set_requires_grad)
-        from peft.tuners.ia3 import IA3Config, IA3Layer, IA3Model  # noqa: F401
-        from peft.tuners.lora import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraConfig, LoraLayer,  # noqa: F401
+        from peft.tuners.ia3 import IA3Config, IA3Layer, IA3Model
+        from peft.tuners.lora import (Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraConfig, LoraLayer,
                                       LoraModel, LoraRuntimeConfig, ParamWrapper)
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils import ModulesToSaveWrapper
@@ -365,9 +365,16 @@ def test_peft_module_paths_used_by_transformers_exist():
 
         assert LoraLayer is peft_fast.tuners.lora.layer.LoraLayer and i2 is peft_fast.inject_adapter_in_model
         assert BaseTunerLayer is peft_fast.tuners.tuners_utils.BaseTunerLayer
-        for fn in (cast_adapter_dtype, delete_adapter, set_adapter, set_peft_model_state_dict, set_requires_grad,
-                   build_peft_weight_mapping, fsdp_auto_wrap_policy):
-            assert fn.__module__.startswith("peft_fast."), fn
+        # peft_fast's own objects, not the alias's placeholders for what peft_fast lacks
+        for obj in (PeftConfig, PeftType, get_peft_model_state_dict, inject_adapter_in_model, g2, IA3Config, IA3Layer,
+                    IA3Model, Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraConfig, LoraModel, LoraRuntimeConfig,
+                    ParamWrapper, ModulesToSaveWrapper, AuxiliaryTrainingWrapper, cast_adapter_dtype, delete_adapter,
+                    set_adapter, set_peft_model_state_dict, set_requires_grad, build_peft_weight_mapping,
+                    fsdp_auto_wrap_policy):
+            assert obj.__module__.startswith("peft_fast."), obj
+            assert not hasattr(obj, "_peft_fast_missing"), obj
+        assert issubclass(LoraModel, peft_fast.tuners.tuners_utils.BaseTuner) and issubclass(Linear, LoraLayer)
+        assert issubclass(IA3Layer, BaseTunerLayer) and issubclass(ParamWrapper, LoraLayer)
         assert issubclass(ModulesToSaveWrapper, AuxiliaryTrainingWrapper)
         import peft.utils as pu
 
