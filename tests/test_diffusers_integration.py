@@ -370,6 +370,48 @@ def test_kohya_lora_with_network_alphas_parity():
     assert differs(fast["y"], fast["base"]) and fast["lora_alpha"] == 8.0 and fast["r"] == 4
 
 
+def test_load_lora_into_text_encoder_parity():
+    """The pipeline loader's text-encoder path (load_lora_into_text_encoder -> transformers' load_adapter, then
+    lora_scale through scale_lora_layers) on a tiny CLIPTextModel: peft_fast's layers, real peft's numbers.
+    (With transformers 5.23 this path reports the LoRA keys as missing and keeps initial weights, with real peft
+    as with peft_fast; the comparison is of the two libraries.)"""
+    transformers = pytest.importorskip("transformers")
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+
+    def text_encoder():
+        torch.manual_seed(0)
+        cfg = transformers.CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                                          eos_token_id=2)
+        return transformers.CLIPTextModel(cfg).eval()
+
+    ids = torch.tensor([[1, 5, 7, 9]])
+
+    def scenario(peft):
+        t = text_encoder()
+        t.add_adapter(peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
+                      adapter_name="w")
+        check_layers(t, peft, is_fast(peft), n_min=4)
+        fill_adapters(t)
+        with torch.no_grad():
+            direct = t(ids).last_hidden_state
+        sd = {f"text_encoder.{k}": v for k, v in peft.utils.get_peft_model_state_dict(t, adapter_name="w").items()}
+        t2 = text_encoder()
+        Loader.load_lora_into_text_encoder(sd, None, t2, prefix="text_encoder", adapter_name="x")
+        layers = check_layers(t2, peft, is_fast(peft), n_min=4)
+        with torch.no_grad():
+            loaded = t2(ids).last_hidden_state
+        Loader.load_lora_into_text_encoder(sd, None, t2, prefix="text_encoder", adapter_name="z", lora_scale=0.5)
+        with torch.no_grad():
+            second = t2(ids).last_hidden_state
+        return {"direct": direct, "loaded": loaded, "second": second, "configs": sorted(t2.peft_config),
+                "scaling": {n: dict(x.scaling) for n, x in layers.items()}}
+
+    real, fast = both(scenario)
+    assert_same(real, fast)
+    assert fast["configs"] == ["x", "z"] and differs(fast["second"], fast["loaded"])
+
+
 def run_unet_with_scale(expected_full: torch.Tensor, scale: float) -> torch.Tensor:
     """The output of the same adapter at `scale` times its scaling, computed with real peft."""
     with alias(False) as p:
