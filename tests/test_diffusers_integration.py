@@ -564,6 +564,34 @@ def test_16bit_unet_add_adapter_forward_backward(dtype):
     assert y_fast <= 1.5 * y_real + 1e-3 and g_fast <= 1.5 * g_real + 1e-3, (y_fast, y_real, g_fast, g_real)
 
 
+@pytest.mark.interp
+def test_unet_weighted_adapters_through_triton_kernels():
+    """Under TRITON_INTERPRET=1 the UNet's LoRA Linear layers (two adapters combined by set_adapters weights,
+    rank 1 among them) run peft_fast's Triton kernels forward and backward; outputs and gradients are PEFT's."""
+    from peft_fast._path import clear_path_choices, path_choices
+
+    def scenario(peft):
+        m = unet().train()
+        m.requires_grad_(False)
+        m.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN + ["conv1"]), adapter_name="a")
+        m.add_adapter(peft.LoraConfig(r=1, lora_alpha=3, target_modules=["to_q", "to_v", "ff.net.2"]), adapter_name="b")
+        check_layers(m, peft, is_fast(peft), n_min=30)
+        fill_adapters(m)
+        m.set_adapters(["a", "b"], weights=[0.7, 1.3])
+        clear_path_choices()
+        x, t, enc = unet_inputs()
+        y = m(x, t, enc).sample
+        y.square().mean().backward()
+        return {"y": y.detach(), "grads": {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+                "paths": sorted({(c["op"], c["path"]) for c in path_choices()})}
+
+    real, fast = both(scenario)
+    assert ("lora_fwd", "triton") in fast["paths"] and ("lora_dx", "triton") in fast["paths"], fast["paths"]
+    real.pop("paths"), fast.pop("paths")
+    assert_same(real, fast)
+    assert len(fast["grads"]) >= 60
+
+
 # --------------------------------------------------------------------------------------------------------------
 # layerwise casting (diffusers' hooks call peft.helpers.disable_input_dtype_casting on the LoRA layers)
 # --------------------------------------------------------------------------------------------------------------
