@@ -565,13 +565,15 @@ def test_16bit_unet_add_adapter_forward_backward(dtype):
 
 
 @pytest.mark.interp
-def test_unet_weighted_adapters_through_triton_kernels():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_unet_weighted_adapters_through_triton_kernels(dtype):
     """Under TRITON_INTERPRET=1 the UNet's LoRA Linear layers (two adapters combined by set_adapters weights,
-    rank 1 among them) run peft_fast's Triton kernels forward and backward; outputs and gradients are PEFT's."""
+    rank 1 among them) run peft_fast's Triton kernels forward and backward. fp32: PEFT's outputs and gradients;
+    fp16: as close to an fp64 run of the same weights as PEFT is."""
     from peft_fast._path import clear_path_choices, path_choices
 
-    def scenario(peft):
-        m = unet().train()
+    def scenario(peft, compute=None):
+        m = unet(dtype).train()
         m.requires_grad_(False)
         m.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN + ["conv1"]), adapter_name="a")
         m.add_adapter(peft.LoraConfig(r=1, lora_alpha=3, target_modules=["to_q", "to_v", "ff.net.2"]), adapter_name="b")
@@ -579,17 +581,36 @@ def test_unet_weighted_adapters_through_triton_kernels():
         fill_adapters(m)
         m.set_adapters(["a", "b"], weights=[0.7, 1.3])
         clear_path_choices()
-        x, t, enc = unet_inputs()
+        x, t, enc = unet_inputs(dtype)
+        if compute is not None:
+            m, x, enc = m.to(compute), x.to(compute), enc.to(compute)
         y = m(x, t, enc).sample
-        y.square().mean().backward()
-        return {"y": y.detach(), "grads": {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
-                "paths": sorted({(c["op"], c["path"]) for c in path_choices()})}
+        y.float().square().mean().backward()
+        grads = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+        return {"y": y.detach().double(), "g": torch.cat([grads[k].flatten() for k in sorted(grads)]),
+                "n_grads": len(grads), "paths": sorted({(c["op"], c["path"]) for c in path_choices()})}
 
-    real, fast = both(scenario)
+    with alias(False) as p:
+        real = scenario(p)
+        ref64 = scenario(p, torch.float64) if dtype != torch.float32 else None
+    with alias(True) as p:
+        fast = scenario(p)
     assert ("lora_fwd", "triton") in fast["paths"] and ("lora_dx", "triton") in fast["paths"], fast["paths"]
-    real.pop("paths"), fast.pop("paths")
-    assert_same(real, fast)
-    assert len(fast["grads"]) >= 60
+    assert fast["n_grads"] == real["n_grads"] >= 60 and bool(torch.isfinite(fast["g"]).all())
+    if ref64 is None:
+        assert_same(real["y"], fast["y"])
+        assert_same(real["g"], fast["g"])
+        return
+
+    def errors(r):
+        return (float((r["y"] - ref64["y"]).abs().max() / ref64["y"].abs().max()),
+                float((r["g"] - ref64["g"]).norm() / ref64["g"].norm()))
+
+    (y_real, g_real), (y_fast, g_fast) = errors(real), errors(fast)
+    assert y_fast < 0.02 and g_fast < 0.02, (y_fast, g_fast)
+    # Per layer the fused kernels are closer to fp64 than PEFT's fp16 composition (fewer roundings); through a
+    # whole UNet's backward the rounding differences spread to every gradient, so allow DESIGN's 2x + atol here.
+    assert y_fast <= 2 * y_real + 2e-3 and g_fast <= 2 * g_real + 2e-3, (y_fast, y_real, g_fast, g_real)
 
 
 # --------------------------------------------------------------------------------------------------------------
