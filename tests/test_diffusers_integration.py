@@ -289,6 +289,29 @@ def test_flux_transformer_parity_with_joint_attention_scale():
     assert differs(fast["lora"], fast["base"]) and differs(fast["half"], fast["lora"])
 
 
+def test_flux_lora_loader_mixin_parity():
+    """FluxLoraLoaderMixin.lora_state_dict + load_lora_into_transformer (the Flux pipeline's path, with its
+    transformer-shape checks over BaseTunerLayer modules) on a tiny FluxTransformer2DModel."""
+    from diffusers.loaders import FluxLoraLoaderMixin as Loader
+
+    def scenario(peft):
+        m = flux()
+        m.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=ATTN + ["proj_mlp", "x_embedder"]),
+                      adapter_name="f")
+        fill_adapters(m)
+        direct = run_flux(m)
+        sd = {f"transformer.{k}": v for k, v in peft.utils.get_peft_model_state_dict(m, adapter_name="f").items()}
+        m2 = flux()
+        Loader.load_lora_into_transformer(Loader.lora_state_dict(sd), None, transformer=m2, adapter_name="g")
+        layers = check_layers(m2, peft, is_fast(peft), n_min=5)
+        return {"direct": direct, "loaded": run_flux(m2), "layers": sorted(layers)}
+
+    real, fast = both(scenario)
+    assert_same(real, fast)
+    torch.testing.assert_close(fast["loaded"], fast["direct"])
+    assert "x_embedder" in fast["layers"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # load_lora_adapter / save_lora_adapter (files and state dicts written by real peft and by peft_fast)
 # --------------------------------------------------------------------------------------------------------------
