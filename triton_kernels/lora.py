@@ -69,6 +69,10 @@ def lora_fwd_ref(
     """
     w = _w(weight, fan_in_fan_out)
     y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+    # Adapters of another dtype than y (fp32 adapters on a 16-bit model, no autocast): as PEFT's
+    # ``result = result + lora_B(lora_A(x)) * s``, the sum is promoted once (to fp32) and rounded back once
+    # at the end, instead of rounding each adapter's term to y's dtype before adding it.
+    out = y
     xas, masks = [], []
     for A, B, s, p in zip(lora_A, lora_B, scaling, dropout_p):
         xl = x if x.dtype == A.dtype else x.to(A.dtype)
@@ -81,13 +85,15 @@ def lora_fwd_ref(
             xa.mul_(keep_scale)  # 1/(1-p) on [M, r] instead of on [M, K]
         else:
             xa = xl @ A.t()
-        if B.dtype == y.dtype:
-            y.addmm_(xa, B.t(), alpha=s)
+        if B.dtype == out.dtype and xa.dtype == out.dtype:
+            out.addmm_(xa, B.t(), alpha=s)
         else:
-            y.add_((xa @ B.t()).to(y.dtype), alpha=s)
+            dt = torch.promote_types(out.dtype, torch.promote_types(xa.dtype, B.dtype))
+            out = out.to(dt)
+            out.addmm_(xa.to(dt), B.t().to(dt), alpha=s)
         xas.append(xa)
         masks.append(mask)
-    return y, xas, masks
+    return (out if out is y else out.to(y.dtype)), xas, masks
 
 
 def lora_bwd_ref(
