@@ -636,6 +636,52 @@ def test_unet_weighted_adapters_through_triton_kernels(dtype):
     assert y_fast <= 2 * y_real + 2e-3 and g_fast <= 2 * g_real + 2e-3, (y_fast, y_real, g_fast, g_real)
 
 
+@pytest.mark.parametrize("dtype,autocast", [(torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp16", "bf16", "bf16-autocast"])
+def test_fp32_lora_on_16bit_unet_training_recipe(dtype, autocast):
+    """diffusers' LoRA training recipe: a 16-bit UNet, add_adapter, cast_training_params(fp32) (fp32 LoRA
+    weights on 16-bit base layers), forward (plain or under autocast) and backward. Output and gradients are
+    held against an fp64 run of the same weights; peft_fast as close as PEFT (outputs without autocast: PEFT's
+    own rounding, fp32 sum rounded once)."""
+    import contextlib
+
+    from diffusers.training_utils import cast_training_params
+
+    def run(peft, compute=None):
+        m = unet(dtype).train()
+        m.requires_grad_(False)
+        m.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN + ["conv1"]), adapter_name="h")
+        check_layers(m, peft, is_fast(peft), n_min=30)
+        cast_training_params(m, dtype=torch.float32)
+        fill_adapters(m)
+        x, t, enc = unet_inputs(dtype)
+        if compute is not None:
+            m, x, enc = m.to(compute), x.to(compute), enc.to(compute)
+        ctx = torch.autocast("cpu", dtype=dtype) if autocast and compute is None else contextlib.nullcontext()
+        with ctx:
+            y = m(x, t, enc).sample
+        y.float().square().mean().backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        return {"y": y.detach().double(), "y_dtype": str(y.dtype),
+                "g": torch.cat([grads[k].double().flatten() for k in sorted(grads)]),
+                "grad_dtypes": sorted({str(g.dtype) for g in grads.values()}), "n": len(grads)}
+
+    def scenario(peft):
+        return run(peft), run(peft, torch.float64)
+
+    (real, real64), (fast, fast64) = both(scenario)
+    assert_same(real64, fast64, atol=1e-10, rtol=1e-8)
+    assert fast["y_dtype"] == real["y_dtype"] == str(dtype)
+    assert fast["grad_dtypes"] == real["grad_dtypes"] == ["torch.float32"] and fast["n"] == real["n"] >= 60
+
+    def errors(r):
+        return (float((r["y"] - real64["y"]).abs().max() / real64["y"].abs().max()),
+                float((r["g"] - real64["g"]).norm() / real64["g"].norm()))
+
+    (y_real, g_real), (y_fast, g_fast) = errors(real), errors(fast)
+    assert y_fast <= 1.25 * y_real + 1e-4 and g_fast <= 1.5 * g_real + 1e-3, (y_fast, y_real, g_fast, g_real)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # layerwise casting (diffusers' hooks call peft.helpers.disable_input_dtype_casting on the LoRA layers)
 # --------------------------------------------------------------------------------------------------------------
