@@ -91,7 +91,8 @@ def flux():
 def run_flux(m, **kw):
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        return m(hidden_states=torch.randn(1, 16, 4, generator=g), encoder_hidden_states=torch.randn(1, 3, 8, generator=g),
+        return m(hidden_states=torch.randn(1, 16, 4, generator=g),
+                 encoder_hidden_states=torch.randn(1, 3, 8, generator=g),
                  pooled_projections=torch.randn(1, 8, generator=g), timestep=torch.tensor([0.5]),
                  img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.randn(3, 3, generator=g), **kw).sample.clone()
 
@@ -132,9 +133,11 @@ def is_fast(peft) -> bool:
 def assert_same(real, fast, path="", atol=2e-5, rtol=1e-4):
     if isinstance(real, torch.Tensor):
         assert isinstance(fast, torch.Tensor), path
-        assert real.shape == fast.shape and real.dtype == fast.dtype, (path, real.shape, fast.shape, real.dtype, fast.dtype)
+        assert real.shape == fast.shape and real.dtype == fast.dtype, \
+            (path, real.shape, fast.shape, real.dtype, fast.dtype)
         scale = max(1.0, float(real.float().abs().max()))
-        torch.testing.assert_close(fast.float(), real.float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{path}: {m}")
+        torch.testing.assert_close(fast.float(), real.float(), atol=atol * scale, rtol=rtol,
+                                   msg=lambda m: f"{path}: {m}")
     elif isinstance(real, dict):
         assert set(real) == set(fast), (path, sorted(set(real) ^ set(fast)))
         for k in real:
@@ -793,8 +796,8 @@ def test_peft_names_diffusers_imports_exist_under_alias():
         for name, f in funcs.items():
             assert f.__module__.startswith("peft_fast"), f
             assert params(f) == real_sigs[name], name
-        assert peft.mapping.inject_adapter_in_model is inject_adapter_in_model and _get_submodules.__module__.startswith(
-            "peft_fast")
+        assert peft.mapping.inject_adapter_in_model is inject_adapter_in_model
+        assert _get_submodules.__module__.startswith("peft_fast")
         assert PeftModel is peft_fast.PeftModel and issubclass(LoraLayer, BaseTunerLayer)
         for meth in layer_methods:
             assert params(getattr(LoraLayer, meth)) == real_sigs[meth], meth
@@ -821,8 +824,8 @@ def test_scale_layer_follows_peft_set_scale_unscale():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Embedding(10, 6), torch.nn.Conv2d(3, 3, 1))
         peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"]), model, "a")
-        peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["0", "1", "2"]),
-                                     model, "b")
+        peft.inject_adapter_in_model(
+            peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["0", "1", "2"]), model, "b")
         layers = [model[0], model[1], model[2]]
         log = []
         for layer in layers:
