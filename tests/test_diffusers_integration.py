@@ -809,6 +809,25 @@ def test_peft_names_diffusers_imports_exist_under_alias():
             inject_adapter_in_model(_FakeConfig(), torch.nn.Linear(2, 2))
 
 
+def test_lokr_adapter_fails_clearly_under_alias():
+    """A LoKr state dict: diffusers reaches for peft's LoKr (real peft builds LoKr layers); peft_fast has no
+    LoKr, so under the alias the load fails with NotImplementedError naming what is missing, and the model is
+    left without adapters."""
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(0)
+    sd = {f"{key}.lokr_w1": torch.randn(2, 2, generator=g), f"{key}.lokr_w2": torch.randn(4, 4, generator=g)}
+    with alias(False) as p:
+        m = unet()
+        m.load_lora_adapter(dict(sd), adapter_name="l", prefix=None)
+        assert type(m.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q).__module__ == \
+            "peft.tuners.lokr.layer"
+    with alias(True) as p:
+        m = unet()
+        with pytest.raises(NotImplementedError, match=r"peft_fast does not provide `peft\.tuners\.lokr\.layer\."):
+            m.load_lora_adapter(dict(sd), adapter_name="l", prefix=None)
+        assert not tuner_layers(m, p) and not getattr(m, "peft_config", None)
+
+
 class _FakeConfig:
     """A config of a type peft_fast has no tuner for."""
     peft_type = "LOHA"
