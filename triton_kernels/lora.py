@@ -69,9 +69,10 @@ def lora_fwd_ref(
     """
     w = _w(weight, fan_in_fan_out)
     y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
-    # Adapters of another dtype than y (fp32 adapters on a 16-bit model, no autocast): as PEFT's
-    # ``result = result + lora_B(lora_A(x)) * s``, the sum is promoted once (to fp32) and rounded back once
-    # at the end, instead of rounding each adapter's term to y's dtype before adding it.
+    # Adapters of another dtype than y (fp32 adapters on a 16-bit model, or 16-bit adapters on an fp32
+    # model; no autocast): as PEFT's ``result = result + lora_B(lora_A(x)) * s``, the term is computed and
+    # scaled in the adapter's dtype, the sum is promoted (fp32 adapters on a 16-bit model: summed in fp32)
+    # and rounded back to y's dtype once at the end.
     out = y
     xas, masks = [], []
     for A, B, s, p in zip(lora_A, lora_B, scaling, dropout_p):
@@ -88,9 +89,10 @@ def lora_fwd_ref(
         if B.dtype == out.dtype and xa.dtype == out.dtype:
             out.addmm_(xa, B.t(), alpha=s)
         else:
-            dt = torch.promote_types(out.dtype, torch.promote_types(xa.dtype, B.dtype))
-            out = out.to(dt)
-            out.addmm_(xa.to(dt), B.t().to(dt), alpha=s)
+            term = (xa if xa.dtype == B.dtype else xa.to(B.dtype)) @ B.t()
+            term = term * s
+            out = out.to(torch.promote_types(out.dtype, term.dtype))
+            out.add_(term)
         xas.append(xa)
         masks.append(mask)
     return (out if out is y else out.to(y.dtype)), xas, masks
