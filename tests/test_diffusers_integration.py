@@ -773,7 +773,7 @@ def test_peft_names_diffusers_imports_exist_under_alias():
         real_mods = {n: importlib.import_module(n) for n in (
             "peft.mapping", "peft.utils.save_and_load", "peft.tuners.lora.layer", "peft.helpers", "peft.utils.hotswap")}
         layer_methods = ("set_scale", "scale_layer", "unscale_layer", "merge", "unmerge", "set_adapter",
-                         "delete_adapter", "enable_adapters", "get_base_layer")
+                         "delete_adapter", "enable_adapters", "get_base_layer", "update_layer")
         real_sigs = {m: params(getattr(real_mods["peft.tuners.lora.layer"].LoraLayer, m)) for m in layer_methods}
         real_sigs["inject_adapter_in_model"] = params(real_mods["peft.mapping"].inject_adapter_in_model)
         real_sigs["set_peft_model_state_dict"] = params(real_mods["peft.utils.save_and_load"].set_peft_model_state_dict)
