@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import sys
 import types
 from typing import Any, Callable, Iterator
@@ -63,16 +64,25 @@ def _top_level_peft_imports(body: list[ast.stmt]) -> Iterator[tuple[str, str, st
                 yield from _top_level_peft_imports(handler.body)
 
 
-def _source(module: types.ModuleType) -> str | None:
+_parsed: dict[tuple[str, int, int], tuple] = {}  # (path, mtime_ns, size) -> the module's top-level peft imports
+
+
+def _peft_imports_of(module: types.ModuleType) -> tuple:
+    """The top-level peft imports of `module`'s source file (parsed once per file version)."""
     spec = getattr(module, "__spec__", None)
     origin = getattr(spec, "origin", None) or getattr(module, "__file__", None)
     if not origin or not str(origin).endswith(".py"):
-        return None
+        return ()
     try:
-        with open(origin, encoding="utf-8") as f:
-            return f.read()
-    except OSError:
-        return None
+        st = os.stat(origin)
+        key = (str(origin), st.st_mtime_ns, st.st_size)
+        if key not in _parsed:
+            with open(origin, encoding="utf-8") as f:
+                source = f.read()
+            _parsed[key] = tuple(_top_level_peft_imports(ast.parse(source).body)) if "peft" in source else ()
+        return _parsed[key]
+    except (OSError, SyntaxError, ValueError):
+        return ()
 
 
 def _resolve(module_name: str, attr: str | None) -> Any:
@@ -89,14 +99,7 @@ def rebind_imported_modules(packages: tuple[str, ...] = PACKAGES,
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".", 1)[0] not in packages:
             continue
-        source = _source(module)
-        if source is None or "peft" not in source:
-            continue
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue
-        for binding, mod_name, attr in _top_level_peft_imports(tree.body):
+        for binding, mod_name, attr in _peft_imports_of(module):
             current = module.__dict__.get(binding, _ABSENT)
             if current is not _ABSENT and not stale(current):
                 continue
