@@ -19,7 +19,8 @@ from .utils.io import atomic_save_safetensors, atomic_torch_save
 from .utils.model_card import create_or_update_model_card
 from .utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_trainable
 from .utils.peft_types import TaskType
-from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.save_and_load import (convert_mutated_init_to_lora, get_peft_model_state_dict, load_peft_weights,
+                                  set_peft_model_state_dict)
 from .utils.transaction import rollback_on_error
 
 
@@ -238,9 +239,12 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
-                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs):
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict[str, str]] = None, **kwargs):
         """Load a PEFT-format adapter (safetensors preferred) as `adapter_name` from a local directory or
-        a Hub repo id (`kwargs`: ``subfolder`` and the ``hf_hub_download`` options, as in PEFT)."""
+        a Hub repo id (`kwargs`: ``subfolder`` and the ``hf_hub_download`` options, as in PEFT).
+        `key_mapping` (PEFT's): ``{regex: replacement}`` renames applied to the checkpoint keys, without
+        their ``base_model.model.`` prefix, before loading (see `load_peft_weights`)."""
         model_id = str(model_id)
         with rollback_on_error(self):  # a bad file or a shape mismatch leaves no half-added adapter
             if adapter_name not in self.peft_config:
@@ -251,7 +255,7 @@ class PeftModel(nn.Module):
                 # the new adapter is inactive, hence frozen; only it becomes trainable (as in PEFT)
                 if is_trainable:
                     self.set_requires_grad(adapter_name)
-            weights = load_peft_weights(model_id, device=torch_device, **kwargs)
+            weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **kwargs)
             try:
                 result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
                                                    low_cpu_mem_usage=low_cpu_mem_usage)
@@ -266,15 +270,21 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
-                        low_cpu_mem_usage: bool = False, **kwargs) -> "PeftModel":
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict[str, str]] = None,
+                        **kwargs) -> "PeftModel":
         """Wrap `model` and load the adapter saved in `model_id`, a local directory or a Hub repo id
-        (`kwargs`: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...)."""
+        (`kwargs`: ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...).
+        `key_mapping` (PEFT's): regex renames of the checkpoint keys (see `load_adapter`); when None, and
+        the adapter is not prompt learning, the model's ``_checkpoint_conversion_mapping`` (transformers)
+        is used, as in PEFT."""
         model_id = str(model_id)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, **kwargs)
         elif not isinstance(config, PeftConfig):
             raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
         config.inference_mode = not is_trainable
+        if key_mapping is None and not config.is_prompt_learning:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", {})
         task = config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type
         if cls is PeftModel and task in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task]
@@ -283,15 +293,23 @@ class PeftModel(nn.Module):
                              low_cpu_mem_usage=low_cpu_mem_usage)
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
                                     autocast_adapter_dtype=autocast_adapter_dtype,
-                                    low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+                                    low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping, **kwargs)
         return peft_model
 
     # ---- saving ---------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
-                        is_main_process: bool = True, **kwargs) -> None:
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs) -> None:
         """Write each adapter as ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT layout:
-        'default' in `save_directory`, others in sub-folders). Files are written atomically."""
+        'default' in `save_directory`, others in sub-folders). Files are written atomically.
+
+        `path_initial_model_for_weight_conversion` (PEFT's): the folder where the adapter was saved right
+        after a base-mutating initialisation (PiSSA/CorDA/OLoRA) and before training; the adapter is then
+        saved as the equivalent plain LoRA of rank 2r for the unmutated base (``[B | -B0] [A ; A0]``,
+        r and lora_alpha doubled, alpha by sqrt(2) with rsLoRA, init_lora_weights=True), and that
+        folder's ``adapter_config.json`` is rewritten with init_lora_weights=True, as in PEFT. LoRA only
+        (other tuners: PEFT's ValueError)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         if selected_adapters is None:
@@ -308,13 +326,22 @@ class PeftModel(nn.Module):
                                               save_embedding_layers=save_embedding_layers)
             if not is_main_process:
                 continue
+            cfg = copy.deepcopy(config)
+            if path_initial_model_for_weight_conversion is not None:
+                init_cfg = copy.deepcopy(config)
+                if str(getattr(init_cfg.peft_type, "value", init_cfg.peft_type)) == "LORA":
+                    init_cfg.init_lora_weights = True
+                else:
+                    init_cfg.init_weights = True
+                init_cfg.save_pretrained(path_initial_model_for_weight_conversion)
+                state = convert_mutated_init_to_lora(self, init_cfg, path_initial_model_for_weight_conversion,
+                                                     state, kwargs)
             out_dir = save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
             os.makedirs(out_dir, exist_ok=True)
             if safe_serialization:
                 atomic_save_safetensors(state, os.path.join(out_dir, SAFETENSORS_WEIGHTS_NAME))
             else:
                 atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(out_dir, WEIGHTS_NAME))
-            cfg = copy.deepcopy(config)
             if cfg.base_model_name_or_path is None:
                 cfg.base_model_name_or_path = base_model_name_or_path(self.get_base_model())
             cfg.inference_mode = True
@@ -322,6 +349,15 @@ class PeftModel(nn.Module):
             # PEFT records the class of task-less models so AutoPeftModel can rebuild them
             auto_mapping = None if cfg.task_type is not None else {
                 "base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+            if path_initial_model_for_weight_conversion is not None:  # the rank-2r plain LoRA (as in PEFT)
+                cfg.init_lora_weights = True
+                cfg.r *= 2
+                # same scaling: alpha / r, or alpha / sqrt(r) with rsLoRA
+                cfg.lora_alpha *= 2 if not cfg.use_rslora else 2 ** 0.5
+                if cfg.rank_pattern:
+                    cfg.rank_pattern = {key: 2 * val for key, val in cfg.rank_pattern.items()}
+                if cfg.alpha_pattern:
+                    cfg.alpha_pattern = {key: 2 * val for key, val in cfg.alpha_pattern.items()}
             cfg.save_pretrained(out_dir, auto_mapping_dict=auto_mapping)
         if is_main_process:  # last (PEFT writes it first): a failed save leaves no card behind either
             self.create_or_update_model_card(save_directory)

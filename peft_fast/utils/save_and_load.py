@@ -176,14 +176,51 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: 
     return type(result)(missing_keys=missing, unexpected_keys=unexpected)
 
 
-def load_peft_weights(model_id: str, device: Optional[str] = None, **kwargs) -> dict:
+def _apply_key_mapping(weights: dict, key_mapping: Optional[dict[str, str]]) -> dict:
+    """PEFT's `key_mapping`: each key loses its ``base_model.model.`` (else ``base_model.``) prefix,
+    the first regex `pattern` of `key_mapping` (in order) that matches it is substituted everywhere
+    (``re.subn``) by its `replacement`, and the prefix is put back. An empty/None mapping changes
+    nothing; a key with neither prefix is PEFT's ValueError; a bad pattern raises ``re.error``."""
+    if not key_mapping:
+        return weights
+    remapped = {}
+    for key, value in weights.items():
+        if key.startswith("base_model.model."):
+            prefix = "base_model.model."
+        elif key.startswith("base_model."):
+            prefix = "base_model."
+        else:
+            raise ValueError(
+                "An error occurred while trying to load a PEFT state_dict with key_mapping. This should not "
+                "happen. Please open an issue on https://github.com/huggingface/peft/issues and report the error."
+            )
+        key = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            new_key, n = re.subn(pattern, replacement, key)
+            if n > 0:
+                key = new_key
+                break
+        remapped[prefix + key] = value
+    return remapped
+
+
+def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping: Optional[dict[str, str]] = None,
+                      **hf_hub_download_kwargs) -> dict:
     """Read ``adapter_model.safetensors`` (or, failing that, ``adapter_model.bin`` with
     weights_only=True) from a local directory or, when `model_id` is not one, from the Hugging Face
     Hub repo of that name (``subfolder`` and the ``hf_hub_download`` options ``revision``,
     ``cache_dir``, ``token``, ``local_files_only``, ... as in PEFT; ``HF_HUB_OFFLINE=1`` reads the cache).
 
+    `key_mapping` (PEFT's): ``{regex: replacement}`` applied to each key after its
+    ``base_model.model.`` prefix is removed (the adapter name is not in checkpoint keys), e.g. for
+    transformers models whose module names changed; see `_apply_key_mapping`.
+
     No weights file: ValueError with PEFT's text (``LocalEntryNotFoundError``, as PEFT raises, when
     the cache could not answer), naming the repo, revision and files and what the cache holds."""
+    return _apply_key_mapping(_load_peft_weights_file(model_id, device, **hf_hub_download_kwargs), key_mapping)
+
+
+def _load_peft_weights_file(model_id: str, device: Optional[str] = None, **kwargs) -> dict:
     subfolder = kwargs.get("subfolder")
     path = os.path.join(model_id, subfolder) if subfolder else model_id
     names = [SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME]
@@ -282,3 +319,62 @@ def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict
         raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(msgs))
     root.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
     return incompatible(missing_keys=missing, unexpected_keys=unexpected)
+
+
+# ---- save_pretrained(path_initial_model_for_weight_conversion=...) -----------------------------------
+def convert_mutated_init_to_lora(peft_model, peft_config, path_initial_model_for_weight_conversion: str,
+                                 output_state_dict: dict, kwargs: Optional[dict] = None) -> dict:
+    """PEFT's conversion of an adapter trained from a base-mutating initialisation (PiSSA/CorDA/OLoRA:
+    ``W = W_res + B0 A0``) into a plain LoRA adapter for the unmutated base: with the initial adapter
+    (A0, B0) saved in `path_initial_model_for_weight_conversion` and the trained one (A, B),
+    ``dW = B A - B0 A0 = [B | -B0] [A ; A0]``, i.e. rank 2r (the caller doubles r and alpha).
+
+    The initial adapter is loaded (from ``dirname(path)``, subfolder and adapter name ``basename(path)``,
+    its ``adapter_config.json`` having first been rewritten by the caller with init_lora_weights=True),
+    used and deleted again. Only ``lora_A``/``lora_B`` tensors are kept, as in PEFT. LoRA only: other
+    tuners raise PEFT's ValueError; rsLoRA with rank_pattern/alpha_pattern too."""
+    kwargs = kwargs or {}
+    tuner_name = type(peft_model.base_model).__name__
+    peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+    if peft_type != "LORA":
+        raise ValueError(f"Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
+                         f"for {tuner_name}.")
+    if peft_config.use_rslora and (peft_config.rank_pattern or peft_config.alpha_pattern):
+        raise ValueError(
+            "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
+            "using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`."
+        )
+    if not any(str(peft_config.init_lora_weights).lower().startswith(prefix)
+               for prefix in ("pissa", "corda", "olora", "lora_ga", "true")):
+        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a PiSSA/CorDA/OLoRA/LoRA-GA "
+                      "adapter to a LoRA adapter")
+    initial_name = os.path.basename(path_initial_model_for_weight_conversion)
+    try:
+        peft_model.load_adapter(os.path.dirname(path_initial_model_for_weight_conversion), subfolder=initial_name,
+                                adapter_name=initial_name)
+        init = str(peft_model.peft_config[initial_name].init_lora_weights).lower()
+        if init.startswith("pissa") or init in ("corda", "olora", "lora_ga"):
+            raise ValueError(
+                "The `init_lora_weights` parameter of the initial adapter should be set to `True`. "
+                "Otherwise, `self.load_adapter` will subtract the decomposed values again based on the "
+                "residual model."
+            )
+        if initial_name.startswith("pissa") and any(
+                p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                for p in peft_model.get_base_model().parameters()):
+            warnings.warn(
+                r"Note that Quant(W_res) + AB != Quant(W) + \Delta(AB); "
+                "the converted LoRA, when combined with W or Quant(W), may introduce a certain gap in the fine-tuned "
+                "model. Therefore, we recommend directly using the Quant(W_res) in conjunction with the PiSSA adapter. "
+            )
+        initial = get_peft_model_state_dict(peft_model, state_dict=kwargs.get("state_dict"), adapter_name=initial_name)
+        converted = {}
+        for name, value in output_state_dict.items():
+            if "lora_A" in name:  # [A ; A0]: rows are ranks
+                converted[name] = torch.cat([value, initial[name]], dim=0)
+            elif "lora_B" in name:  # [B | -B0]
+                converted[name] = torch.cat([value, -initial[name]], dim=1)
+        return converted
+    finally:
+        if initial_name in peft_model.peft_config:
+            peft_model.delete_adapter(initial_name)
