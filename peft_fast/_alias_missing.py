@@ -19,11 +19,10 @@ _cache: dict[str, Any] = {}
 def _message(qualname: str, real_peft_installed: bool) -> str:
     from ._peft_manifest import PEFT_VERSION
 
-    where = ("call peft_fast.uninstall_as_peft() before importing the library to use real peft for it"
-             if real_peft_installed else "install real peft (pip install peft) and do not call "
-             "peft_fast.install_as_peft() to use it")
-    return (f"peft_fast does not provide `{qualname}` (PEFT {PEFT_VERSION} has it); `import peft` gives "
-            f"peft_fast here because peft_fast.install_as_peft() was called. To use it, {where}.")
+    real = "real peft" if real_peft_installed else "real peft (pip install peft)"
+    return (f"peft_fast does not provide `{qualname}` (PEFT {PEFT_VERSION} has it). `import peft` gives "
+            f"peft_fast while the peft alias is installed (peft_fast.install_as_peft(), peft_fast.as_peft(), "
+            f"PEFT_FAST_AS_PEFT=1 or `peft-fast run`); to use it, run without the alias, with {real}.")
 
 
 class _MissingClassMeta(type):

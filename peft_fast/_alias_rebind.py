@@ -1,5 +1,6 @@
 """Rebind the top-level ``from peft import ...`` of modules imported before the ``peft`` alias (L4).
 
+The modules of transformers, trl, diffusers, accelerate and the user's script (``__main__``) are read.
 ``trl.trainer.sft_trainer`` runs ``if is_peft_available(): from peft import PeftConfig, PeftModel, ...``
 once, at its import. Imported before `install_as_peft()`, it holds real peft's classes (so a peft_fast
 model fails its ``isinstance`` checks), or, without peft installed, never bound the names at all. This
@@ -17,7 +18,7 @@ import sys
 import types
 from typing import Any, Callable, Iterator
 
-PACKAGES = ("transformers", "trl", "diffusers", "accelerate")
+PACKAGES = ("transformers", "trl", "diffusers", "accelerate", "__main__")
 _ABSENT = object()
 
 
@@ -105,8 +106,8 @@ def rebind_imported_modules(packages: tuple[str, ...] = PACKAGES,
                 continue
             try:
                 new = _resolve(mod_name, attr)
-            except (ImportError, AttributeError):
-                continue  # neither peft_fast nor PEFT's manifest has it: left as it was
+            except Exception:  # noqa: BLE001 - not importable now (no real peft, a broken install): left as is
+                continue
             module.__dict__[binding] = new
             changes.append((module, binding, current, new))
 

@@ -46,13 +46,15 @@ import threading
 import types
 from typing import Any
 
-from ._alias_missing import missing_module, missing_name
+from ._alias_missing import _MissingModule, missing_module, missing_name
+from ._alias_probes import refresh_probes
 from ._peft_manifest import PEFT_ALL, PEFT_MODULE_NAMES, PEFT_MODULES, PEFT_VERSION
 
 __all__ = ["PEFT_VERSION", "as_peft", "install_as_peft", "is_installed_as_peft", "uninstall_as_peft"]
 
 _lock = threading.RLock()
 _state: "_Installed | None" = None
+_blocks = 0  # open `as_peft()` blocks
 _PEFT_MODULES = frozenset(PEFT_MODULES)
 _PEFT_ALL = frozenset(PEFT_ALL)
 
@@ -112,11 +114,18 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         if not _is_peft_name(fullname):
             return None
+        if fullname != "peft" and fullname not in _PEFT_MODULES:
+            try:
+                if importlib.util.find_spec("peft_fast" + fullname[len("peft"):]) is None:
+                    return None  # neither peft_fast nor PEFT has it: the usual ModuleNotFoundError
+            except ImportError:
+                return None
         return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
 
     def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
-        state = _state
-        if state is None or state.real_installed:
+        # while installed, ``peft``'s metadata is the PEFT version peft_fast follows, also where another
+        # peft version is installed (found first: importlib.metadata.version("peft") answers this one)
+        if _state is None:
             return iter(())
         name = getattr(context, "name", None)
         if name is None or name.lower().replace("_", "-") == "peft":
@@ -136,9 +145,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 raise  # something peft_fast's module itself imports is missing
             if fullname in _PEFT_MODULES:
                 return missing_module(fullname, real_peft_installed=_real_peft_installed())
-            raise ModuleNotFoundError(
-                f"No module named {fullname!r}: `import peft` gives peft_fast (peft_fast.install_as_peft()), "
-                f"and neither peft_fast nor PEFT {PEFT_VERSION} has this module", name=fullname) from None
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname) from None
         self._own[fullname] = (getattr(module, "__spec__", None), hasattr(module, "__path__"))
         return module
 
@@ -158,16 +165,30 @@ def _answer_missing_names(module: types.ModuleType, fullname: str) -> None:
     """Give the peft_fast module standing for PEFT's `fullname` a module ``__getattr__`` (PEP 562) that
     answers the names PEFT has there and peft_fast lacks with placeholders; removed on uninstall."""
     names = frozenset(PEFT_MODULE_NAMES.get(fullname, ()))
-    if not names or "__getattr__" in module.__dict__ or _state is None:
+    if not names or _state is None:
         return
+    own = module.__dict__.get("__getattr__")  # a module's own lazy attributes come first
 
-    def __getattr__(name: str, _module=module.__name__, _peft=fullname, _names=names):
+    def __getattr__(name: str, _module=module.__name__, _peft=fullname, _names=names, _own=own):
+        if _own is not None:
+            try:
+                return _own(name)
+            except AttributeError:
+                pass
         if name in _names:
             return missing_name(f"{_peft}.{name}", real_peft_installed=_real_peft_installed())
         raise AttributeError(f"module {_module!r} has no attribute {name!r}")
 
     module.__getattr__ = __getattr__
-    _state.undo.append(lambda: module.__dict__.get("__getattr__") is __getattr__ and delattr(module, "__getattr__"))
+
+    def undo():
+        if module.__dict__.get("__getattr__") is __getattr__:
+            if own is None:
+                del module.__getattr__
+            else:
+                module.__getattr__ = own
+
+    _state.undo.append(undo)
 
 
 class _Installed:
@@ -185,7 +206,8 @@ def _make_proxy(proxy: _PeftModule, finder: _AliasFinder) -> None:
     proxy.__version__ = PEFT_VERSION
     proxy.__file__ = peft_fast.__file__
     proxy.__path__ = []  # submodules come from the finder only, never from a second copy of the files
-    proxy.__all__ = list(PEFT_ALL)
+    # `from peft import *`: PEFT's names, less the constants peft_fast lacks (those have no placeholder)
+    proxy.__all__ = [n for n in PEFT_ALL if hasattr(peft_fast, n) or not (n.isupper() or n.startswith("_"))]
     proxy.__spec__ = importlib.machinery.ModuleSpec("peft", finder, is_package=True)
     proxy.__loader__ = finder
     proxy.__package__ = "peft"
@@ -202,30 +224,12 @@ def _real_peft_distribution_exists() -> bool:
     return False
 
 
-def _refresh_probes(state: _Installed) -> None:
-    """transformers caches `is_peft_available`; diffusers computes `_peft_available` once at import."""
-    tiu = sys.modules.get("transformers.utils.import_utils")
-    if tiu is not None:
-        for fn in ("is_peft_available", "is_peft_greater_or_equal"):
-            clear = getattr(getattr(tiu, fn, None), "cache_clear", None)
-            if clear is not None:
-                clear()
-    diu = sys.modules.get("diffusers.utils.import_utils")
-    if diu is not None and state is not None and not state.real_installed and hasattr(diu, "_peft_available"):
-        old = (diu._peft_available, diu._peft_version)
-        diu._peft_available, diu._peft_version = True, PEFT_VERSION
-
-        def undo(diu=diu, old=old):
-            diu._peft_available, diu._peft_version = old
-
-        state.undo.append(undo)
-
-
 def install_as_peft() -> None:
     """Make ``import peft`` (and ``peft.<submodule>``) give peft_fast until `uninstall_as_peft()`.
 
-    Idempotent and thread-safe. Works with or without real peft installed; modules of transformers,
-    trl, diffusers and accelerate imported before the call are rebound. See the module docstring.
+    Idempotent; calls are serialised by a lock (do not call it while other threads are importing
+    peft). Works with or without real peft installed; modules of transformers, trl, diffusers,
+    accelerate and ``__main__`` imported before the call are rebound. See the module docstring.
     """
     global _state
     with _lock:
@@ -236,14 +240,14 @@ def install_as_peft() -> None:
         state = _Installed()
         state.real_installed = _real_peft_distribution_exists()
         _make_proxy(state.proxy, state.finder)
-        for name in [n for n in sys.modules if _is_peft_name(n)]:
+        for name in [n for n in list(sys.modules) if _is_peft_name(n)]:
             state.saved_modules[name] = sys.modules.pop(name)
         sys.meta_path.insert(0, state.finder)
         sys.modules["peft"] = state.proxy
         _state = state
         try:
             importlib.invalidate_caches()
-            _refresh_probes(state)
+            refresh_probes()
             state.undo.append(rebind_imported_modules())
         except BaseException:
             uninstall_as_peft()
@@ -254,21 +258,27 @@ def uninstall_as_peft() -> None:
     """Undo `install_as_peft()`: real peft (if installed) answers ``import peft`` again, the modules of
     real peft set aside are back, and rebound names get their old values. Objects already built with
     peft_fast stay peft_fast's. A no-op when the alias is not installed."""
-    global _state
+    global _state, _blocks
     with _lock:
         state = _state
         if state is None:
             return
-        for undo in reversed(state.undo):
-            undo()
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(state.finder)
-        for name in [n for n in sys.modules if _is_peft_name(n)]:
-            del sys.modules[name]
-        sys.modules.update(state.saved_modules)
-        _state = None
-        importlib.invalidate_caches()
-        _refresh_probes(None)
+        _state, _blocks = None, 0
+        try:
+            for undo in reversed(state.undo):
+                undo()
+        finally:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(state.finder)
+            for name in [n for n in list(sys.modules) if _is_peft_name(n)]:
+                module = sys.modules.pop(name, None)
+                parent = sys.modules.get("peft_fast" + name[len("peft"):].rpartition(".")[0])
+                leaf = name.rpartition(".")[2]
+                if isinstance(module, _MissingModule) and parent is not None and parent.__dict__.get(leaf) is module:
+                    delattr(parent, leaf)  # the import system hung the placeholder on its peft_fast parent
+            sys.modules.update(state.saved_modules)
+            importlib.invalidate_caches()
+            refresh_probes()
         # modules imported under the alias bound peft_fast's objects: real peft's again, where installed
         from ._alias_rebind import from_alias, rebind_imported_modules
 
@@ -282,14 +292,23 @@ def is_installed_as_peft() -> bool:
 
 @contextlib.contextmanager
 def as_peft():
-    """``with peft_fast.as_peft(): ...``: the alias for the block only (left installed if it already was)."""
-    was = is_installed_as_peft()
-    install_as_peft()
+    """``with peft_fast.as_peft(): ...``: the alias for the block only. Blocks nest and overlap across
+    threads: the alias is removed when the last open block exits, unless `install_as_peft()` installed it
+    before (then it stays). Build *and use* the libraries' objects inside the block: TRL and friends
+    check ``isinstance(model, peft.PeftModel)`` again while training, and after the block their ``peft``
+    names are real peft's again."""
+    global _blocks
+    with _lock:
+        outer = is_installed_as_peft() and _blocks == 0
+        install_as_peft()
+        _blocks += 1
     try:
         yield
     finally:
-        if not was:
-            uninstall_as_peft()
+        with _lock:
+            _blocks = max(_blocks - 1, 0)
+            if _blocks == 0 and not outer:
+                uninstall_as_peft()
 
 
 def _install_from_env() -> None:

@@ -20,13 +20,70 @@ def test_script_runs_under_the_alias_with_its_argv_and_exit_status(tmp_path):
     assert f"RESULT True ['{script}', '--epochs', '1']" in proc.stdout
 
 
-def test_module_runs_under_the_alias(tmp_path):
+def test_module_runs_under_the_alias_from_the_current_directory_with_its_options(tmp_path):
     (tmp_path / "mytrain.py").write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "peft_fast.cli.main", "run", "-m", "mytrain", "x"],
+    proc = subprocess.run([sys.executable, "-m", "peft_fast.cli.main", "run", "-m", "mytrain", "--cpu", "-x"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+                          env={**os.environ, "PYTHONPATH": ROOT})  # mytrain is found in the cwd, as python -m
     assert proc.returncode == 3, proc.stderr
-    assert "RESULT True" in proc.stdout and "'x'" in proc.stdout
+    assert f"RESULT True ['{tmp_path / 'mytrain.py'}', '--cpu', '-x']" in proc.stdout  # argv[0] as python -m sets it
+
+
+FAKE_PEFT = 'raise ImportError("real peft is hidden: this process did not get the peft alias")\n'
+
+
+def _hidden_peft_path(tmp_path):
+    """A directory whose `peft` package shadows the real one: only the alias gets past it."""
+    (tmp_path / "fake" / "peft").mkdir(parents=True)
+    (tmp_path / "fake" / "peft" / "__init__.py").write_text(FAKE_PEFT)
+    path = f"{tmp_path / 'fake'}{os.pathsep}{ROOT}"
+    control = subprocess.run([sys.executable, "-c", "import peft"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": path})
+    assert "real peft is hidden" in control.stderr  # without the alias, the fake is what `import peft` finds
+    return path
+
+
+def test_spawned_child_processes_get_the_alias(tmp_path):
+    script = tmp_path / "spawn.py"
+    script.write_text("import multiprocessing as mp\n"
+                      "def child(q):\n    import peft, peft_fast\n    q.put(peft.LoraConfig is peft_fast.LoraConfig)\n"
+                      "if __name__ == '__main__':\n    ctx = mp.get_context('spawn'); q = ctx.Queue()\n"
+                      "    p = ctx.Process(target=child, args=(q,)); p.start(); print('CHILD', q.get()); p.join()\n")
+    proc = subprocess.run([sys.executable, "-m", "peft_fast.cli.main", "run", str(script)], capture_output=True,
+                          text=True, timeout=180, cwd=tmp_path, env={**os.environ, "PYTHONPATH": _hidden_peft_path(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CHILD True" in proc.stdout
+
+
+def test_trl_sft_cli_trains_peft_fast_adapters_in_its_launched_process(tmp_path):
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_fast.cli._train_demo import char_tokenizer
+
+    tok = char_tokenizer(["abcdefghijklmnopqrstuvwxyz "])
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog"[i:]}) + "\n" for i in range(16)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "peft_fast.cli.main", "run", "trl", "sft", "--model_name_or_path", str(tmp_path / "model"),
+         "--dataset_name", str(tmp_path / "data"), "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj",
+         "v_proj", "--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none",
+         "--disable_tqdm", "true", "--save_strategy", "no"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": _hidden_peft_path(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_console_command_runs_its_entry_point_under_the_alias():
@@ -46,8 +103,12 @@ def test_console_command_runs_its_entry_point_under_the_alias():
 
 def test_bad_targets_are_named():
     proc = _peft_fast("no-such-command-xyz")
-    assert proc.returncode == 2 and "'no-such-command-xyz' is neither a .py script" in proc.stderr
+    assert proc.returncode == 2 and "'no-such-command-xyz' is neither a script" in proc.stderr
     proc = _peft_fast("missing_script.py")
     assert proc.returncode == 2 and "no such script: 'missing_script.py'" in proc.stderr
     proc = _peft_fast()
     assert proc.returncode == 2 and "give a script" in proc.stderr
+    proc = _peft_fast("-m", "no_such_module_xyz")
+    assert proc.returncode == 2 and "no module named 'no_such_module_xyz'" in proc.stderr
+    proc = _peft_fast("--help")
+    assert proc.returncode == 0 and "usage: peft-fast run" in proc.stdout

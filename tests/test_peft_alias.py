@@ -133,8 +133,10 @@ def test_what_peft_has_and_peft_fast_lacks_is_a_placeholder_that_names_itself(al
 def test_what_neither_has_raises_the_usual_errors(alias):
     import peft
 
-    with pytest.raises(ModuleNotFoundError, match=r"'peft\.no_such_module'.*neither peft_fast nor PEFT"):
+    with pytest.raises(ModuleNotFoundError, match=r"No module named 'peft\.no_such_module'"):
         importlib.import_module("peft.no_such_module")
+    assert importlib.util.find_spec("peft.no_such_module") is None
+    assert importlib.util.find_spec("peft.tuners.vera") is not None  # PEFT has it: a placeholder module
     with pytest.raises(ImportError, match="no_such_name"):
         exec("from peft import no_such_name", {})
     with pytest.raises(ImportError, match="no_such_name"):
@@ -315,3 +317,119 @@ if __name__ == "__main__":  # python tests/test_peft_alias.py > peft_fast/_peft_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sys.stdout.write(_manifest_source(regenerate_manifest()))
+
+
+def test_names_of_modules_with_their_own_getattr_are_answered_too(alias):
+    # peft_fast.tuners.lora has a module __getattr__ of its own (lazy bnb layers); PEFT's other names still
+    # come as placeholders, and the module's own lazy names still work
+    from peft.tuners.lora import LoftQConfig, LoraConfig
+
+    assert LoraConfig is peft_fast.LoraConfig
+    with pytest.raises(NotImplementedError, match=r"`peft\.tuners\.lora\.LoftQConfig`"):
+        LoftQConfig()
+    peft_fast.uninstall_as_peft()
+    lora = importlib.import_module("peft_fast.tuners.lora")
+    assert not hasattr(lora, "LoftQConfig")
+    peft_fast.install_as_peft()
+
+
+def test_star_import_gives_peft_s_names(alias):
+    ns = {}
+    exec("from peft import *", ns)
+    assert ns["LoraConfig"] is peft_fast.LoraConfig and ns["get_peft_model"] is peft_fast.get_peft_model
+    assert hasattr(ns["VeraConfig"], "_peft_fast_missing")
+
+
+def test_uninstall_leaves_no_placeholder_hanging_on_peft_fast_modules():
+    with peft_fast.as_peft():
+        importlib.import_module("peft.tuners.loha.layer")
+        tuners = importlib.import_module("peft_fast.tuners")
+        assert hasattr(tuners, "loha")
+    assert not hasattr(importlib.import_module("peft_fast.tuners"), "loha")
+    with pytest.raises(ImportError):
+        importlib.import_module("peft_fast.tuners.loha")
+
+
+def test_as_peft_blocks_nest_and_the_last_one_out_uninstalls():
+    with peft_fast.as_peft():
+        with peft_fast.as_peft():
+            pass
+        assert peft_fast.is_installed_as_peft()
+    assert not peft_fast.is_installed_as_peft()
+    peft_fast.install_as_peft()
+    try:
+        with peft_fast.as_peft():
+            pass
+        assert peft_fast.is_installed_as_peft()  # installed before the block: stays
+    finally:
+        peft_fast.uninstall_as_peft()
+
+
+def test_overlapping_blocks_in_threads_keep_the_alias_until_both_exit():
+    import threading
+
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with peft_fast.as_peft():
+            inside.set()
+            release.wait(30)
+            import peft
+
+            seen.append(peft.LoraConfig is peft_fast.LoraConfig)
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(30)
+    with peft_fast.as_peft():
+        pass  # this block exits while the other thread's block is still open
+    release.set()
+    t.join(60)
+    assert seen == [True] and not peft_fast.is_installed_as_peft()
+
+
+def test_metadata_reports_peft_s_version_even_where_another_peft_is_installed(tmp_path):
+    # a fake older peft distribution first on sys.path, as an old pip-installed peft would be
+    dist = tmp_path / "peft-0.10.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.10.0\n")
+    out = _run(f"""
+        import sys, json
+        sys.path.insert(0, {str(tmp_path)!r})
+        import importlib.metadata as md
+        before = md.version("peft")
+        import peft_fast
+        peft_fast.install_as_peft()
+        from transformers.utils.import_utils import is_peft_greater_or_equal
+        during = [md.version("peft"), is_peft_greater_or_equal("0.18.0")]
+        peft_fast.uninstall_as_peft()
+        print(json.dumps(dict(before=before, during=during, after=md.version("peft"))))
+    """, hide_peft=False)
+    v = _peft_manifest.PEFT_VERSION
+    assert out == {"before": "0.10.0", "during": [v, True], "after": "0.10.0"}
+
+
+def test_diffusers_imported_without_peft_gets_the_peft_backend_from_the_alias():
+    out = _run("""
+        import json
+        from diffusers import UNet2DConditionModel
+        import diffusers.loaders.peft as L, diffusers.utils.constants as C
+        before = [L.USE_PEFT_BACKEND, C.USE_PEFT_BACKEND]
+        import peft_fast
+        peft_fast.install_as_peft()
+        during = [L.USE_PEFT_BACKEND, C.USE_PEFT_BACKEND]
+        peft_fast.uninstall_as_peft()
+        after = [L.USE_PEFT_BACKEND, C.USE_PEFT_BACKEND]
+        print(json.dumps(dict(before=before, during=during, after=after)))
+    """, hide_peft=True)
+    assert out == {"before": [False, False], "during": [True, True], "after": [False, False]}
+
+
+def test_a_script_s_own_peft_imports_are_rebound(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import json, sys\nsys.path.insert(0, %r)\nfrom peft import LoraConfig\nimport peft_fast\n"
+                      "peft_fast.install_as_peft()\n"
+                      "print(json.dumps(dict(same=LoraConfig is peft_fast.LoraConfig)))\n" % ROOT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"same": True}

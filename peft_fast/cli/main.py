@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # everything after the target is the target's: not for argparse
+        from .run import main as run_main
+
+        return run_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "command", None):

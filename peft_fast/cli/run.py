@@ -1,83 +1,110 @@
 """`peft-fast run`: run a Python script, module or console command with ``import peft`` giving peft_fast.
 
-    peft-fast run train.py --epochs 1            # a script
-    peft-fast run -m trl sft --model_name_or_path ...   # a module (python -m)
-    peft-fast run trl sft --use_peft ...         # an installed console command (its entry point)
-    accelerate launch --no_python peft-fast run train.py   # every process of a launch
+    peft-fast run train.py --epochs 1                   # a script, as `python train.py --epochs 1`
+    peft-fast run -m trl sft --model_name_or_path ...   # a module, as `python -m trl sft ...`
+    peft-fast run trl sft --use_peft ...                # an installed console command (its entry point)
+    peft-fast run accelerate launch train.py            # launchers: every process they start gets it too
 
-Calls `peft_fast.install_as_peft()` and then runs the target in this same process (runpy, or the console
-command's entry point from the installed metadata), with ``sys.argv`` as the target expects. For
-commands that import PEFT by name (TRL's CLI, a training script written for peft) without editing them.
-Exit status: the target's. Errors: an unknown command or a missing script is named, exit 2.
+Installs the peft alias (`peft_fast.install_as_peft()`) in this process and runs the target here (runpy,
+or the console command's entry point from the installed metadata) with ``sys.argv`` as the target expects.
+Child Python processes get the alias as well: PEFT_FAST_AS_PEFT=1 is set and a start-up hook
+(peft_fast/_subprocess_hook/sitecustomize.py) is put first on PYTHONPATH; it installs the alias the first
+time the child looks for ``peft``. Everything after the target belongs to the target.
+Exit status: the target's. Errors: an unknown command, a missing script or module is named, exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import runpy
 import sys
+from typing import Sequence
 
 from ._train_util import CLIError
 
 PROG = "peft-fast run"
+USAGE = f"usage: {PROG} (SCRIPT.py | -m MODULE | COMMAND) [ARGS...]"
+HOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_subprocess_hook")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Only for `peft-fast --help`: `main.main` hands ``run``'s arguments to `main` unparsed."""
     p = subparsers.add_parser("run", help="run a script/module/command with `import peft` giving peft_fast",
-                              description="Install the peft alias (peft_fast.install_as_peft()) and run TARGET "
-                                          "in this process: a .py script, -m MODULE, or an installed console "
-                                          "command (e.g. `trl`).")
-    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as `python -m MODULE` would")
-    p.add_argument("target", nargs=argparse.REMAINDER, help="script.py or console command, then its arguments")
-    p.set_defaults(func=run)
+                              description=__doc__.split("\n\n")[0], usage=USAGE.replace("usage: ", ""))
+    p.add_argument("target", nargs=argparse.REMAINDER, help="SCRIPT.py, -m MODULE or COMMAND, then its arguments")
+    p.set_defaults(func=lambda args: main(args.target))
     return p
 
 
-def _console_entry_point(name: str):
-    matches = importlib.metadata.entry_points(group="console_scripts", name=name)
-    return next(iter(matches), None)
-
-
-def _exit_code(e: SystemExit) -> int:
-    if e.code is None:
+def _exit_code(code) -> int:
+    if code is None:
         return 0
-    if isinstance(e.code, int):
-        return e.code
-    print(e.code, file=sys.stderr)
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # what a console script / sys.exit("message") does
     return 1
 
 
-def run(args) -> int:
+def _children_get_the_alias() -> None:
+    os.environ["PEFT_FAST_AS_PEFT"] = "1"
+    path = os.environ.get("PYTHONPATH", "")
+    if HOOK_DIR not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = HOOK_DIR + (os.pathsep + path if path else "")
+
+
+def _resolve(argv: list[str]):
+    """(kind, name, argv for the target) from run's arguments."""
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise CLIError("give a script, -m MODULE, or a console command to run")
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            raise CLIError("-m needs a module name")
+        return "module", argv[1], [argv[1], *argv[2:]]
+    if argv[0].endswith(".py") or os.path.sep in argv[0] or os.path.isfile(argv[0]):
+        if not os.path.isfile(argv[0]):
+            raise CLIError(f"no such script: {argv[0]!r}")
+        return "script", argv[0], list(argv)
+    if next(iter(importlib.metadata.entry_points(group="console_scripts", name=argv[0])), None) is None:
+        raise CLIError(f"{argv[0]!r} is neither a script nor an installed console command")
+    return "command", argv[0], list(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE + "\n\n" + __doc__)
+        return 0
+    try:
+        kind, name, target_argv = _resolve(argv)
+        if kind == "module":
+            sys.path.insert(0, os.getcwd())  # as `python -m`
+            try:
+                found = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                found = None
+            if found is None:
+                raise CLIError(f"no module named {name!r}")
+    except CLIError as e:
+        print(f"{USAGE}\n{PROG}: error: {e}", file=sys.stderr)
+        return 2
     import peft_fast
 
-    target = list(args.target)
+    _children_get_the_alias()
+    peft_fast.install_as_peft()
+    sys.argv = target_argv
     try:
-        if args.module is None and not target:
-            raise CLIError("give a script, -m MODULE, or a console command to run")
-        if args.module is None and target[0] == "--":
-            target = target[1:]
-        peft_fast.install_as_peft()
-        try:
-            if args.module is not None:
-                sys.argv = [args.module, *target]
-                runpy.run_module(args.module, run_name="__main__", alter_sys=True)
-            elif target[0].endswith(".py") or os.path.sep in target[0]:
-                if not os.path.isfile(target[0]):
-                    raise CLIError(f"no such script: {target[0]!r}")
-                sys.argv = target
-                sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))
-                runpy.run_path(target[0], run_name="__main__")
-            else:
-                ep = _console_entry_point(target[0])
-                if ep is None:
-                    raise CLIError(f"{target[0]!r} is neither a .py script nor an installed console command")
-                sys.argv = target
-                result = ep.load()()
-                return int(result) if isinstance(result, int) else 0
-        except SystemExit as e:
-            return _exit_code(e)
-        return 0
-    except CLIError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        if kind == "module":
+            runpy.run_module(name, run_name="__main__", alter_sys=True)
+        elif kind == "script":
+            sys.path.insert(0, os.path.dirname(os.path.abspath(name)))
+            runpy.run_path(name, run_name="__main__")
+        else:
+            ep = next(iter(importlib.metadata.entry_points(group="console_scripts", name=name)))
+            return _exit_code(ep.load()())
+    except SystemExit as e:
+        return _exit_code(e.code)
+    return 0
