@@ -162,7 +162,8 @@ def test_non_lora_tuner_error_as_peft(tmp_path):
         init_dir = str(tmp_path / lib.__name__ / "init")
         model.save_pretrained(init_dir)
         with pytest.raises(ValueError) as info:
-            model.save_pretrained(str(tmp_path / lib.__name__ / "ft"), path_initial_model_for_weight_conversion=init_dir)
+            model.save_pretrained(str(tmp_path / lib.__name__ / "ft"),
+                                  path_initial_model_for_weight_conversion=init_dir)
         msgs.append(str(info.value))
     assert msgs[0] == msgs[1] == ("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not "
                                   "supported for IA3Model.")

@@ -346,8 +346,8 @@ def convert_mutated_init_to_lora(peft_model, peft_config, path_initial_model_for
         )
     if not any(str(peft_config.init_lora_weights).lower().startswith(prefix)
                for prefix in ("pissa", "corda", "olora", "lora_ga", "true")):
-        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a PiSSA/CorDA/OLoRA/LoRA-GA "
-                      "adapter to a LoRA adapter")
+        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a "
+                      "PiSSA/CorDA/OLoRA/LoRA-GA adapter to a LoRA adapter")
     initial_name = os.path.basename(path_initial_model_for_weight_conversion)
     try:
         peft_model.load_adapter(os.path.dirname(path_initial_model_for_weight_conversion), subfolder=initial_name,
