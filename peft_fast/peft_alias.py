@@ -55,6 +55,7 @@ __all__ = ["PEFT_VERSION", "as_peft", "install_as_peft", "is_installed_as_peft",
 _lock = threading.RLock()
 _state: "_Installed | None" = None
 _blocks = 0  # open `as_peft()` blocks
+_installing = False  # guards against re-entry from finders asked during the install
 _PEFT_MODULES = frozenset(PEFT_MODULES)
 _PEFT_ALL = frozenset(PEFT_ALL)
 
@@ -217,8 +218,8 @@ def _real_peft_distribution_exists() -> bool:
     ctx = importlib.metadata.DistributionFinder.Context(name="peft")
     for finder in sys.meta_path:
         find = getattr(finder, "find_distributions", None)
-        if find is None or isinstance(finder, _AliasFinder):
-            continue
+        if find is None or isinstance(finder, _AliasFinder) or getattr(finder, "_peft_fast_hook", False):
+            continue  # ours, or the start-up hook (asking it would install the alias from inside this install)
         if next(iter(find(ctx)), None) is not None:
             return True
     return False
@@ -231,27 +232,40 @@ def install_as_peft() -> None:
     peft). Works with or without real peft installed; modules of transformers, trl, diffusers,
     accelerate and ``__main__`` imported before the call are rebound. See the module docstring.
     """
-    global _state
+    global _state, _installing
     with _lock:
-        if _state is not None:
+        if _state is not None or _installing:
             return
-        from ._alias_rebind import rebind_imported_modules
-
-        state = _Installed()
-        state.real_installed = _real_peft_distribution_exists()
-        _make_proxy(state.proxy, state.finder)
-        for name in [n for n in list(sys.modules) if _is_peft_name(n)]:
-            state.saved_modules[name] = sys.modules.pop(name)
-        sys.meta_path.insert(0, state.finder)
-        sys.modules["peft"] = state.proxy
-        _state = state
+        _installing = True
         try:
-            importlib.invalidate_caches()
-            refresh_probes()
-            state.undo.append(rebind_imported_modules())
-        except BaseException:
-            uninstall_as_peft()
-            raise
+            _install()
+        finally:
+            _installing = False
+
+
+def _install() -> None:
+    global _state
+    from ._alias_rebind import rebind_imported_modules
+
+    state = _Installed()
+    state.real_installed = _real_peft_distribution_exists()
+    _make_proxy(state.proxy, state.finder)
+    for name in [n for n in list(sys.modules) if _is_peft_name(n)]:
+        state.saved_modules[name] = sys.modules.pop(name)
+    # the start-up hook of `peft-fast run` children has done its job once the alias is in (else it would
+    # install it again after an uninstall)
+    for hook in [f for f in sys.meta_path if getattr(f, "_peft_fast_hook", False)]:
+        sys.meta_path.remove(hook)
+    sys.meta_path.insert(0, state.finder)
+    sys.modules["peft"] = state.proxy
+    _state = state
+    try:
+        importlib.invalidate_caches()
+        refresh_probes()
+        state.undo.append(rebind_imported_modules())
+    except BaseException:
+        uninstall_as_peft()
+        raise
 
 
 def uninstall_as_peft() -> None:
@@ -264,9 +278,13 @@ def uninstall_as_peft() -> None:
         if state is None:
             return
         _state, _blocks = None, 0
+        errors = []
         try:
             for undo in reversed(state.undo):
-                undo()
+                try:
+                    undo()
+                except Exception as e:  # noqa: BLE001 - the other steps still run; the first error is raised
+                    errors.append(e)
         finally:
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(state.finder)
@@ -283,6 +301,8 @@ def uninstall_as_peft() -> None:
         from ._alias_rebind import from_alias, rebind_imported_modules
 
         rebind_imported_modules(stale=from_alias)
+        if errors:
+            raise errors[0]
 
 
 def is_installed_as_peft() -> bool:

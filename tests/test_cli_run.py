@@ -112,3 +112,14 @@ def test_bad_targets_are_named():
     assert proc.returncode == 2 and "no module named 'no_such_module_xyz'" in proc.stderr
     proc = _peft_fast("--help")
     assert proc.returncode == 0 and "usage: peft-fast run" in proc.stdout
+
+
+def test_module_of_a_package_that_imports_peft_sees_the_alias(tmp_path):
+    (tmp_path / "upkg").mkdir()
+    (tmp_path / "upkg" / "__init__.py").write_text("from peft import LoraConfig\n")
+    (tmp_path / "upkg" / "train.py").write_text("import peft, peft_fast, upkg\n"
+                                                 "print('SAME', upkg.LoraConfig is peft_fast.LoraConfig)\n")
+    proc = subprocess.run([sys.executable, "-m", "peft_fast.cli.main", "run", "-m", "upkg.train"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SAME True" in proc.stdout

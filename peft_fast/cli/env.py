@@ -27,6 +27,8 @@ SETTING_HELP = {
     "TRITON_INTERPRET": "1: run the Triton kernels on CPU through Triton's interpreter (slow; for tests)",
     "PEFT_FAST_DISABLE_CPP": "1: do not use the C++/CUDA extension peft_fast._C (the torch fallback runs)",
     "PEFT_FAST_TRAINER_INTEGRATION": "0: do not install the transformers Trainer integration on import",
+    "PEFT_FAST_AS_PEFT": "1: `import peft` gives peft_fast (the peft alias, installed on import peft_fast; "
+                         "peft-fast's own commands still compare with and report the real peft)",
     "CUDA_VISIBLE_DEVICES": "which CUDA devices torch sees",
 }
 SETTINGS = tuple(SETTING_HELP)

@@ -31,6 +31,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .run import main as run_main
 
         return run_main(argv[1:])
+    import peft_fast
+
+    # bench compares with, and env reports, the real peft: never the alias (PEFT_FAST_AS_PEFT=1, or a
+    # process started under `peft-fast run`)
+    peft_fast.uninstall_as_peft()
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "command", None):

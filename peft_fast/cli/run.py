@@ -80,21 +80,22 @@ def main(argv: Sequence[str]) -> int:
         return 0
     try:
         kind, name, target_argv = _resolve(argv)
-        if kind == "module":
-            sys.path.insert(0, os.getcwd())  # as `python -m`
-            try:
-                found = importlib.util.find_spec(name)
-            except (ImportError, ValueError):
-                found = None
-            if found is None:
-                raise CLIError(f"no module named {name!r}")
     except CLIError as e:
         print(f"{USAGE}\n{PROG}: error: {e}", file=sys.stderr)
         return 2
     import peft_fast
 
     _children_get_the_alias()
-    peft_fast.install_as_peft()
+    peft_fast.install_as_peft()  # before anything of the target is imported (finding a module runs its parents)
+    if kind == "module":
+        sys.path.insert(0, os.getcwd())  # as `python -m`
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            print(f"{USAGE}\n{PROG}: error: no module named {name!r}", file=sys.stderr)
+            return 2
     sys.argv = target_argv
     try:
         if kind == "module":
