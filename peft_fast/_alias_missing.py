@@ -76,4 +76,7 @@ def missing_module(fullname: str, *, real_peft_installed: bool) -> types.ModuleT
     module = _MissingModule(fullname, _message(fullname, real_peft_installed))
     module._peft_fast_real_installed = real_peft_installed
     module.__path__ = []
+    from ._peft_manifest import PEFT_MODULE_NAMES
+
+    module.__all__ = list(PEFT_MODULE_NAMES.get(fullname, ()))  # `from peft.tuners.loha import *`
     return module

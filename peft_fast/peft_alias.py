@@ -166,7 +166,7 @@ def _answer_missing_names(module: types.ModuleType, fullname: str) -> None:
     """Give the peft_fast module standing for PEFT's `fullname` a module ``__getattr__`` (PEP 562) that
     answers the names PEFT has there and peft_fast lacks with placeholders; removed on uninstall."""
     names = frozenset(PEFT_MODULE_NAMES.get(fullname, ()))
-    if not names or _state is None:
+    if _state is None or not (names or any(m.startswith(fullname + ".") for m in _PEFT_MODULES)):
         return
     own = module.__dict__.get("__getattr__")  # a module's own lazy attributes come first
 
@@ -178,6 +178,8 @@ def _answer_missing_names(module: types.ModuleType, fullname: str) -> None:
                 pass
         if name in _names:
             return missing_name(f"{_peft}.{name}", real_peft_installed=_real_peft_installed())
+        if f"{_peft}.{name}" in _PEFT_MODULES and _state is not None:  # a PEFT subpackage, e.g. peft.tuners.loha
+            return importlib.import_module(f"{_peft}.{name}")
         raise AttributeError(f"module {_module!r} has no attribute {name!r}")
 
     module.__getattr__ = __getattr__

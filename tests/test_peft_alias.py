@@ -433,3 +433,15 @@ def test_a_script_s_own_peft_imports_are_rebound(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"same": True}
+
+
+def test_peft_s_subpackages_are_attributes_and_star_imports_of_missing_modules_bind_placeholders(alias):
+    import peft
+
+    loha = peft.tuners.loha  # as in PEFT, where peft.tuners imports every tuner
+    assert loha is sys.modules["peft.tuners.loha"] and hasattr(loha.LoHaConfig, "_peft_fast_missing")
+    ns = {}
+    exec("from peft.tuners.loha import *", ns)
+    assert {"LoHaConfig", "LoHaModel"} <= set(ns) and hasattr(ns["LoHaModel"], "_peft_fast_missing")
+    with pytest.raises(AttributeError):
+        peft.tuners.no_such_tuner
