@@ -67,6 +67,8 @@ def _config(path):
     with open(os.path.join(path, "adapter_config.json")) as f:
         cfg = json.load(f)
     cfg.pop("peft_version", None)
+    if isinstance(cfg.get("target_modules"), list):  # a set in both libraries: its order follows the hash seed
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     return cfg
 
 
