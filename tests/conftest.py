@@ -221,3 +221,15 @@ def assert_kernel_close(out: torch.Tensor, ref64: torch.Tensor, same_dtype: torc
     base = (same_dtype.double() - ref64).abs().max().item() if out.numel() else 0.0
     atol = tolerance(out.dtype)["atol"] * max(1.0, ref64.abs().max().item() if out.numel() else 1.0)
     assert err <= 2 * base + atol, f"{msg}: max error {err:.3e} > 2 x torch's {base:.3e} + {atol:.1e}"
+
+
+@pytest.fixture
+def peft_alias():
+    """`import peft` gives peft_fast during the test (`peft_fast.install_as_peft()`), real peft after it."""
+    import peft_fast
+
+    peft_fast.install_as_peft()
+    try:
+        yield
+    finally:
+        peft_fast.uninstall_as_peft()

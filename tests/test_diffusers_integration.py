@@ -10,7 +10,6 @@ subprocess test hides real peft (tests/no_peft.py).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 import peft_fast
+from tests.alias_helpers import alias
 
 diffusers = pytest.importorskip("diffusers")
 real_peft = pytest.importorskip("peft")
@@ -33,24 +33,6 @@ SAFE_NAME = "pytorch_lora_weights.safetensors"
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def alias(on: bool):
-    """`import peft` gives peft_fast inside the block when `on`, real peft otherwise; uninstalled after."""
-    assert not peft_fast.is_installed_as_peft()
-    if on:
-        peft_fast.install_as_peft()
-    try:
-        import peft
-
-        assert (peft.LoraConfig is peft_fast.LoraConfig) == on
-        yield peft
-    finally:
-        peft_fast.uninstall_as_peft()
-    import peft
-
-    assert peft.LoraConfig is not peft_fast.LoraConfig
-
-
 def both(scenario):
     """Run `scenario(peft)` with real peft, then under the alias; returns (real, fast)."""
     with alias(False) as p:

@@ -17,15 +17,6 @@ from peft_fast import _peft_manifest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def alias():
-    peft_fast.install_as_peft()
-    try:
-        yield
-    finally:
-        peft_fast.uninstall_as_peft()
-
-
 def _run(code: str, *, hide_peft: bool, env=None) -> dict:
     """Run `code` in a fresh interpreter (real peft hidden if asked); it prints one JSON line last."""
     prelude = "import tests.no_peft as _n; _n.hide_real_peft()\n" if hide_peft else ""
@@ -66,7 +57,7 @@ def test_import_peft_gives_peft_fast_and_uninstall_gives_real_peft_back():
     assert "__getattr__" not in vars(importlib.import_module("peft_fast.tuners.lora.layer"))
 
 
-def test_install_is_idempotent_and_as_peft_keeps_an_outer_install(alias):
+def test_install_is_idempotent_and_as_peft_keeps_an_outer_install(peft_alias):
     import peft
 
     peft_fast.install_as_peft()
@@ -78,7 +69,7 @@ def test_install_is_idempotent_and_as_peft_keeps_an_outer_install(alias):
     assert again is peft
 
 
-def test_a_model_built_through_the_alias_has_peft_fast_layers_and_peft_numbers(alias):
+def test_a_model_built_through_the_alias_has_peft_fast_layers_and_peft_numbers(peft_alias):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import peft as alias_peft
@@ -105,7 +96,7 @@ def test_a_model_built_through_the_alias_has_peft_fast_layers_and_peft_numbers(a
     torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_what_peft_has_and_peft_fast_lacks_is_a_placeholder_that_names_itself(alias):
+def test_what_peft_has_and_peft_fast_lacks_is_a_placeholder_that_names_itself(peft_alias):
     from peft import PrefixTuningConfig, PromptLearningConfig, get_model_status  # noqa: F401
     from peft.tuners.lokr.layer import LoKrLayer, factorization
 
@@ -130,7 +121,7 @@ def test_what_peft_has_and_peft_fast_lacks_is_a_placeholder_that_names_itself(al
     assert again is PrefixTuningConfig
 
 
-def test_what_neither_has_raises_the_usual_errors(alias):
+def test_what_neither_has_raises_the_usual_errors(peft_alias):
     import peft
 
     with pytest.raises(ModuleNotFoundError, match=r"No module named 'peft\.no_such_module'"):
@@ -187,7 +178,7 @@ def test_modules_imported_under_the_alias_get_real_peft_back_on_uninstall():
         os.remove(mod.__file__)
 
 
-def test_transformers_probes_follow_the_alias(alias):
+def test_transformers_probes_follow_the_alias(peft_alias):
     from transformers.utils import import_utils as tiu
 
     assert tiu.is_peft_available() and tiu.is_peft_greater_or_equal("0.18.0")
@@ -251,7 +242,7 @@ def test_environment_variable_installs_the_alias():
     assert out == {"on": True, "same": True}
 
 
-def test_peft_warning_is_a_user_warning_category(alias):
+def test_peft_warning_is_a_user_warning_category(peft_alias):
     from peft import PeftWarning
 
     assert PeftWarning is peft_fast.PeftWarning and issubclass(PeftWarning, UserWarning)
@@ -319,7 +310,7 @@ if __name__ == "__main__":  # python tests/test_peft_alias.py > peft_fast/_peft_
         sys.stdout.write(_manifest_source(regenerate_manifest()))
 
 
-def test_names_of_modules_with_their_own_getattr_are_answered_too(alias):
+def test_names_of_modules_with_their_own_getattr_are_answered_too(peft_alias):
     # peft_fast.tuners.lora has a module __getattr__ of its own (lazy bnb layers); PEFT's other names still
     # come as placeholders, and the module's own lazy names still work
     from peft.tuners.lora import LoftQConfig, LoraConfig
@@ -333,7 +324,7 @@ def test_names_of_modules_with_their_own_getattr_are_answered_too(alias):
     peft_fast.install_as_peft()
 
 
-def test_star_import_gives_peft_s_names(alias):
+def test_star_import_gives_peft_s_names(peft_alias):
     ns = {}
     exec("from peft import *", ns)
     assert ns["LoraConfig"] is peft_fast.LoraConfig and ns["get_peft_model"] is peft_fast.get_peft_model
@@ -435,7 +426,7 @@ def test_a_script_s_own_peft_imports_are_rebound(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"same": True}
 
 
-def test_peft_s_subpackages_are_attributes_and_star_imports_of_missing_modules_bind_placeholders(alias):
+def test_peft_s_subpackages_are_attributes_and_star_imports_of_missing_modules_bind_placeholders(peft_alias):
     import peft
 
     loha = peft.tuners.loha  # as in PEFT, where peft.tuners imports every tuner

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import peft_fast
+from tests.alias_helpers import alias
 
 transformers = pytest.importorskip("transformers")
 real_peft = pytest.importorskip("peft")
@@ -29,24 +30,6 @@ VOCAB = 128
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def alias(on: bool):
-    """`import peft` gives peft_fast inside the block when `on`, real peft otherwise; uninstalled after."""
-    assert not peft_fast.is_installed_as_peft()
-    if on:
-        peft_fast.install_as_peft()
-    try:
-        import peft
-
-        assert (peft.LoraConfig is peft_fast.LoraConfig) == on
-        yield peft
-    finally:
-        peft_fast.uninstall_as_peft()
-    import peft
-
-    assert peft.LoraConfig is not peft_fast.LoraConfig
-
-
 def llama(dtype=torch.float32):
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,

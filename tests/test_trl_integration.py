@@ -61,15 +61,6 @@ def _logits(model, tok):
         return model(**ids).logits.float()
 
 
-@pytest.fixture
-def alias():
-    peft_fast.install_as_peft()
-    try:
-        yield
-    finally:
-        peft_fast.uninstall_as_peft()
-
-
 def _real_peft_run(fn, *args, **kwargs):
     assert not peft_fast.is_installed_as_peft()
     import peft
@@ -162,7 +153,7 @@ def test_dpo_with_a_lora_policy_takes_the_reference_through_disable_adapter(tmp_
     assert [r[1] for r in ours] == pytest.approx([r[1] for r in ref], rel=tol * 10, abs=tol)
 
 
-def test_accelerate_recognises_and_unwraps_peft_fast_models(alias):
+def test_accelerate_recognises_and_unwraps_peft_fast_models(peft_alias):
     from accelerate import Accelerator
     from accelerate.utils import extract_model_from_parallel, is_peft_model
 
