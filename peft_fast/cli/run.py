@@ -55,7 +55,8 @@ def _children_get_the_alias() -> None:
 
 
 def _resolve(argv: list[str]):
-    """(kind, name, argv for the target) from run's arguments."""
+    """(kind, target, argv for the target) from run's arguments: target is the module name, the script
+    path, or the console command's entry point."""
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
@@ -68,9 +69,10 @@ def _resolve(argv: list[str]):
         if not os.path.isfile(argv[0]):
             raise CLIError(f"no such script: {argv[0]!r}")
         return "script", argv[0], list(argv)
-    if next(iter(importlib.metadata.entry_points(group="console_scripts", name=argv[0])), None) is None:
+    entry_point = next(iter(importlib.metadata.entry_points(group="console_scripts", name=argv[0])), None)
+    if entry_point is None:
         raise CLIError(f"{argv[0]!r} is neither a script nor an installed console command")
-    return "command", argv[0], list(argv)
+    return "command", entry_point, list(argv)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -104,8 +106,7 @@ def main(argv: Sequence[str]) -> int:
             sys.path.insert(0, os.path.dirname(os.path.abspath(name)))
             runpy.run_path(name, run_name="__main__")
         else:
-            ep = next(iter(importlib.metadata.entry_points(group="console_scripts", name=name)))
-            return _exit_code(ep.load()())
+            return _exit_code(name.load()())  # `name` is the command's entry point
     except SystemExit as e:
         return _exit_code(e.code)
     return 0

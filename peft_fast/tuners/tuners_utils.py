@@ -529,9 +529,7 @@ class BaseTuner(nn.Module):
         copies); other adapters are left as they are."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_known_adapters(names, "adapter_names")
-        for m in self.model.modules():
-            if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-                m.set_requires_grad(names, requires_grad=requires_grad)
+        set_requires_grad(self.model, names, requires_grad=requires_grad)
 
     def _check_known_adapters(self, adapter_names, arg: str = "adapter_names") -> None:
         """ValueError naming the unknown adapter(s) and the known ones (PEFT skips them silently)."""
